@@ -1,0 +1,191 @@
+"""reward.py -- verifiable rewards for ThinkVG outputs: pure functions, no model, no judge.
+
+A ThinkVG response reasons in short sentences that name anatomical regions with boxes, then
+answers:
+
+    <think>The left lower lung zone [60, 70, 95, 95] shows a small round opacity.</think><answer>yes</answer>
+
+`parse` reads such text (model outputs and reference responses alike) and `score` compares a
+completion with its reference:
+
+    format     1 if exactly one <think>...</think> then one <answer>...</answer>, nothing else
+               around them, a non-empty answer, and at least one valid box in the reasoning
+    answer     1 if the answer is right by an exact check for its question type (the paper uses an
+               LLM judge; ours is verifiable): yes/no, a normalised region or finding name, one
+               letter, or a set of letters
+    grounding  the paper's rule (GEMeX-ThinkVG, Sec. 3.3): 1 if the number of predicted boxes
+               equals the reference's and their mean IoU after matching exceeds 0.75, else 0
+    iou        a dense version for a smoother signal: the optimal one-to-one matched IoU summed
+               and divided by max(#predicted, #reference), so missing and extra boxes both cost
+    total      sum_k w_k * r_k / sum_k w_k, with the weights w as an argument
+
+Model outputs are adversarial input. Nothing here raises on any string, every component is a
+float in [0, 1], and parsing is linear in the length of the text (bounded regexes, no nested
+quantifiers, a cap on how many boxes are matched).
+"""
+import re
+from dataclasses import dataclass, field
+
+DEFAULT_WEIGHTS = {"format": 0.25, "answer": 1.0, "grounding": 0.0, "iou": 1.0}
+GROUNDING_IOU = 0.75   # the paper's threshold on the mean matched IoU
+MAX_BOXES = 32         # boxes beyond this are counted (they cost IoU) but never matched
+MAX_COORD = 10_000     # a coordinate above this is not a pixel of any image we use
+
+# A box: four numbers in brackets. Digits are bounded so int() never sees a 5,000-digit number.
+_NUM = r"(-?\d{1,7}(?:\.\d{1,6})?)"
+_BOX = re.compile(r"\[\s{0,3}" + r"\s{0,3},\s{0,3}".join([_NUM] * 4) + r"\s{0,3}\]")
+_STOP = {"the", "a", "an", "in", "of", "at", "on", "and", "with", "shows", "is", "are", "see", "seen"}
+_NONE = {"none", "no finding", "no findings", "no abnormality", "normal", "nothing", "no"}
+
+
+@dataclass
+class Parsed:
+    think: str = ""                                  # reasoning text ("" if absent)
+    answer: str = ""                                 # answer text, stripped ("" if absent)
+    boxes: list = field(default_factory=list)        # [(region name, [x1, y1, x2, y2]), ...] in order
+    well_formed: bool = False                        # the strict format check (see module doc)
+
+
+# ----------------------------------------------------------------------------- parsing
+def parse(text, frame=None):
+    """Read think, answer and boxes from any string. Tolerant: a missing <think> tag makes the
+    text before <answer> the reasoning (how a reference may be written); `well_formed` is strict.
+    With `frame` (w, h), boxes must lie inside it to count as valid for the format check."""
+    if not isinstance(text, str):
+        return Parsed()
+    t0, t1 = text.find("<think>"), text.find("</think>")
+    a0 = text.find("<answer>", max(t1, 0))
+    a1 = text.find("</answer>", a0 + 1) if a0 >= 0 else -1
+    answer = text[a0 + 8:a1].strip() if 0 <= a0 < a1 else ""
+    if 0 <= t0 < t1:
+        think = text[t0 + 7:t1]
+    else:  # no think span: everything before the answer is the reasoning
+        think = text[:a0] if a0 >= 0 else text
+    boxes = []
+    for m in _BOX.finditer(think):
+        coords = [float(v) for v in m.groups()]
+        boxes.append((_region_before(think, m.start()), coords))
+    counts = [text.count(tag) for tag in ("<think>", "</think>", "<answer>", "</answer>")]
+    well_formed = (counts == [1, 1, 1, 1] and 0 <= t0 < t1 < a0 < a1 and not text[:t0].strip()
+                   and not text[t1 + 8:a0].strip() and not text[a1 + 9:].strip() and bool(answer)
+                   and any(valid_box(b, frame) for _, b in boxes))
+    return Parsed(think.strip(), answer, boxes, well_formed)
+
+
+def _region_before(text, end):
+    """The region name written just before a box: trailing words of a short window, cut at the
+    last stop word ('... shows nothing in the left lower lung zone [' -> 'left lower lung zone')."""
+    words = re.findall(r"[A-Za-z]+", text[max(0, end - 60):end])
+    out = []
+    for w in reversed(words):
+        if w.lower() in _STOP:
+            break
+        out.append(w.lower())
+    return " ".join(reversed(out[:6]))
+
+
+def valid_box(box, frame=None):
+    """Integer-valued, strictly ordered corners, non-negative, inside the frame if one is given."""
+    x1, y1, x2, y2 = box
+    hi_x, hi_y = frame if frame else (MAX_COORD, MAX_COORD)
+    return (all(float(v).is_integer() for v in box) and 0 <= x1 < x2 <= hi_x and 0 <= y1 < y2 <= hi_y)
+
+
+# ----------------------------------------------------------------------------- grounding
+def iou(a, b):
+    """Intersection over union of two [x1, y1, x2, y2] boxes. A box with swapped corners has no
+    area, so it scores 0: we do not repair model output. Touching boxes share no area: 0."""
+    iw = min(a[2], b[2]) - max(a[0], b[0])
+    ih = min(a[3], b[3]) - max(a[1], b[1])
+    inter = max(iw, 0.0) * max(ih, 0.0)
+    area = lambda r: max(r[2] - r[0], 0.0) * max(r[3] - r[1], 0.0)  # noqa: E731
+    union = area(a) + area(b) - inter
+    return inter / union if union > 0 and inter > 0 else 0.0
+
+
+def matched_iou_sum(pred, ref):
+    """Largest total IoU over one-to-one matchings of pred to ref boxes.
+
+    Exact by dynamic programming over the subsets of reference boxes already used (2^R states;
+    R is 1-4 here), which is the assignment problem without scipy. Above 8 reference boxes it
+    falls back to greedy matching by IoU, which is exact whenever boxes barely overlap."""
+    pred, R = pred[:MAX_BOXES], len(ref)
+    if R > 8:
+        pairs = sorted(((iou(p, r), i, j) for i, p in enumerate(pred) for j, r in enumerate(ref)), reverse=True)
+        used_p, used_r, total = set(), set(), 0.0
+        for v, i, j in pairs:
+            if i not in used_p and j not in used_r:
+                used_p.add(i), used_r.add(j)
+                total += v
+        return total
+    best = {0: 0.0}                                      # {mask of used ref boxes: best IoU sum}
+    for p in pred:
+        nxt = dict(best)
+        for mask, val in best.items():
+            for j in range(R):
+                if not mask >> j & 1:
+                    m, v = mask | 1 << j, val + iou(p, ref[j])
+                    if v > nxt.get(m, -1.0):
+                        nxt[m] = v
+        best = nxt
+    return max(best.values())
+
+
+def grounding_scores(pred, ref):
+    """(paper's 0/1 grounding reward, dense IoU) for lists of boxes."""
+    if not pred or not ref:
+        return 0.0, 0.0
+    total = matched_iou_sum(pred, ref)
+    grounding = float(len(pred) == len(ref) and total / len(ref) > GROUNDING_IOU)
+    return grounding, min(total / max(len(pred), len(ref)), 1.0)
+
+
+# ----------------------------------------------------------------------------- answers
+def normalise(text):
+    """Lowercase words only, no leading article: 'The Left lower-lung zone.' -> 'left lower lung zone'."""
+    words = re.findall(r"[a-z0-9]+", text.lower())
+    while words and words[0] in ("the", "a", "an"):
+        words = words[1:]
+    return " ".join(words)
+
+
+def letters(text):
+    """The option letters an answer picks, sorted. Styles: 'A, C', 'A,C', 'AC', 'a c', 'A and C',
+    '(A) (C)', 'A; C', 'A. nodule, C. mass', 'Option B', 'B) mass'."""
+    bare = re.sub(r"\b(?:and|or|options?|answers?)\b", " ", text, flags=re.IGNORECASE)
+    if re.fullmatch(r"[A-Ha-h\s,;/&()\[\].:+-]*", bare) and re.search(r"[A-Ha-h]", bare):
+        found = re.findall(r"[A-Ha-h]", bare)                     # letters only: every letter counts
+    else:
+        found = re.findall(r"(?<![A-Za-z])([A-H])(?![A-Za-z])", text)  # capital letters standing alone
+    return sorted({c.upper() for c in found})
+
+
+def answer_correct(pred, ref, question_type):
+    """Exact answer check per GEMeX question type. Returns 1.0 or 0.0."""
+    if not pred:
+        return 0.0
+    if question_type == "closed_ended_questions":
+        first = lambda s: (normalise(s).split() or [""])[0]  # noqa: E731
+        return float(first(pred) in ("yes", "no") and first(pred) == first(ref))
+    if question_type == "single_choice_questions":
+        p = letters(pred)
+        return float(len(p) == 1 and p == letters(ref))
+    if question_type == "multi_choice_questions":
+        p = letters(pred)
+        return float(bool(p) and p == letters(ref))
+    p, r = normalise(pred), normalise(ref)  # open-ended, or a type we do not know
+    p, r = ("none" if p in _NONE else p), ("none" if r in _NONE else r)
+    return float(bool(p) and p == r)
+
+
+# ----------------------------------------------------------------------------- the reward
+def score(completion, reference, question_type, weights=None, frame=None):
+    """Score one completion against its reference response. Every value is a float in [0, 1]."""
+    w = {**DEFAULT_WEIGHTS, **(weights or {})}
+    pred, ref = parse(completion, frame), parse(reference)
+    out = {"format": float(pred.well_formed),
+           "answer": answer_correct(pred.answer, ref.answer, question_type)}
+    out["grounding"], out["iou"] = grounding_scores([b for _, b in pred.boxes], [b for _, b in ref.boxes])
+    norm = sum(w[k] for k in DEFAULT_WEIGHTS)
+    out["total"] = sum(w[k] * out[k] for k in DEFAULT_WEIGHTS) / norm if norm > 0 else 0.0
+    return out
