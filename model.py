@@ -1,0 +1,288 @@
+"""model.py -- one loader for the tiny offline Qwen2.5-VL and for real Qwen2(.5)-VL checkpoints,
+plus the two operations every training stage needs: batched sampling and per-token log-probs.
+
+    model, processor = load("tiny")                             # random init, built here, offline
+    model, processor = load("Qwen/Qwen2.5-VL-3B-Instruct")      # or any local checkpoint directory
+
+The tiny model is the real architecture (transformers' Qwen2_5_VLForConditionalGeneration: a ViT
+with 2-D rotary positions and a patch merger, feeding a Qwen2 decoder with 3-D "M-RoPE") at about
+2M parameters, and its tokenizer is a byte-level BPE trained here on the synthetic text. It is
+wrapped in the real Qwen2.5-VL processor, so each image becomes the right number of
+<|image_pad|> tokens exactly as for the 3B model.
+
+Known traps in transformers 5.x, handled once, here:
+  * Qwen2_5_VLProcessor insists on a video processor, which needs torchvision (no CPU wheel):
+    ImageOnlyProcessor below drops the video half.
+  * without torchvision the image processor falls back to its PIL backend (a warning, harmless).
+  * `mm_token_type_ids` must reach the model in every forward, for completion tokens too, or the
+    3-D rotary positions silently fall back to 1-D and the logits change.
+  * `rope_parameters` replaces `rope_scaling`; `mrope_section` must sum to head_dim / 2.
+  * bos/eos/pad ids belong on the config *and* the generation config, or generate() guesses.
+"""
+import functools
+import json
+import os
+
+import torch
+from transformers import (AutoConfig, GenerationConfig, PreTrainedTokenizerFast, Qwen2_5_VLConfig,
+                          Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor,
+                          Qwen2VLForConditionalGeneration)
+from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+SYSTEM_PROMPT = "Reason in <think> naming each region you check with its box, then answer in <answer>."
+SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
+           "<|image_pad|>", "<|video_pad|>"]
+TAGS = ["<think>", "</think>", "<answer>", "</answer>"]  # plain added tokens: they survive decoding
+CHAT_TEMPLATE = (  # Qwen's ChatML, reduced to what we use: text and image parts
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n"
+    "{% if m['content'] is string %}{{ m['content'] }}{% else %}{% for c in m['content'] %}"
+    "{% if c['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>"
+    "{% else %}{{ c['text'] }}{% endif %}{% endfor %}{% endif %}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+# The tiny model. Text: head_dim = 192 / 6 = 32, so mrope_section (temporal, height, width
+# frequency pairs) must sum to 16. Vision: 14-px patches, 2x2 merged, so a 112-px image is an
+# 8x8 patch grid and 16 image tokens.
+TINY_TEXT = dict(hidden_size=192, intermediate_size=512, num_hidden_layers=4, num_attention_heads=6,
+                 num_key_value_heads=2, max_position_embeddings=1024, rms_norm_eps=1e-6,
+                 rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [4, 6, 6]})
+TINY_VISION = dict(depth=2, hidden_size=128, intermediate_size=256, num_heads=4, patch_size=14,
+                   spatial_merge_size=2, temporal_patch_size=2, window_size=112, fullatt_block_indexes=[1])
+TINY_PIXELS = 112 * 112  # the image processor resizes every image to this budget: 16 tokens
+
+
+class ImageOnlyProcessor(Qwen2_5_VLProcessor):
+    """The real Qwen2.5-VL processor without its video processor (which requires torchvision).
+    Its __init__ signature defines which sub-processors ProcessorMixin loads and checks."""
+
+    def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
+        super().__init__(image_processor, tokenizer, None, chat_template=chat_template)
+
+
+# ----------------------------------------------------------------------------- device
+def pick_device(name="auto"):
+    """CUDA with bf16 autocast when available, else CPU float32. Returns (device, autocast dtype)."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(name)
+    dtype = torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
+    return device, dtype
+
+
+# ----------------------------------------------------------------------------- building and loading
+@functools.lru_cache(maxsize=1)
+def build_tiny_tokenizer(vocab_size=1024, n_texts=800):
+    """A byte-level BPE trained on synthetic questions and traces. Digits are split one per token
+    (as Qwen's tokenizer does), so any box coordinate is spelt from the same ten symbols."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    import data
+    texts = [SYSTEM_PROMPT]
+    for i in range(n_texts):
+        s = data.make_sample("train", i)
+        texts += [s["question"], s["response"]]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
+                                                 pre_tokenizers.ByteLevel(add_prefix_space=False)])
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(texts, trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=SPECIAL, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False))
+    tok.add_tokens(TAGS)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=None, eos_token="<|im_end|>",
+                                   pad_token="<|endoftext|>", padding_side="left")
+
+
+def build_tiny(seed=0):
+    """Random-init tiny Qwen2.5-VL and its processor, entirely offline."""
+    tokenizer = build_tiny_tokenizer()
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL}
+    config = Qwen2_5_VLConfig(
+        text_config=dict(TINY_TEXT, vocab_size=len(tokenizer), bos_token_id=ids["<|endoftext|>"],
+                         eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"]),
+        vision_config=dict(TINY_VISION, out_hidden_size=TINY_TEXT["hidden_size"]),
+        image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
+        tie_word_embeddings=True)
+    torch.manual_seed(seed)
+    model = Qwen2_5_VLForConditionalGeneration(config)
+    model.generation_config = GenerationConfig(
+        bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"])
+    image_processor = Qwen2VLImageProcessorPil(
+        patch_size=14, merge_size=2, temporal_patch_size=2, min_pixels=TINY_PIXELS, max_pixels=TINY_PIXELS)
+    return model, ImageOnlyProcessor(image_processor, tokenizer, chat_template=CHAT_TEMPLATE)
+
+
+def load(name_or_path="tiny", device="cpu", dtype=torch.float32, seed=0):
+    """`tiny` builds the offline model; anything else is a Hub id or a directory holding a
+    Qwen2.5-VL or Qwen2-VL checkpoint (including ones this project saved). No remote code."""
+    if name_or_path == "tiny":
+        model, processor = build_tiny(seed)
+    else:
+        kind = AutoConfig.from_pretrained(name_or_path).model_type
+        cls = {"qwen2_5_vl": Qwen2_5_VLForConditionalGeneration, "qwen2_vl": Qwen2VLForConditionalGeneration}.get(kind)
+        assert cls is not None, f"{name_or_path}: model_type {kind!r} is not qwen2_5_vl or qwen2_vl"
+        model = cls.from_pretrained(name_or_path, dtype=dtype)
+        processor = ImageOnlyProcessor.from_pretrained(name_or_path)
+        processor.tokenizer.padding_side = "left"
+    assert processor.tokenizer.pad_token_id is not None, f"{name_or_path}: tokenizer has no pad token"
+    return model.to(device=device, dtype=dtype), processor
+
+
+def save(model, processor, out):
+    """save_pretrained for model and processor, then name the processor class that plain
+    transformers knows (Qwen2_5_VLProcessor, with a video-processor entry), so that
+    AutoProcessor.from_pretrained(out) works wherever torchvision is installed."""
+    model.save_pretrained(out)
+    processor.save_pretrained(out)
+    for name in ("processor_config.json", "tokenizer_config.json"):
+        path = os.path.join(out, name)
+        cfg = json.load(open(path))
+        cfg["processor_class"] = "Qwen2_5_VLProcessor"
+        if name == "processor_config.json":
+            cfg.setdefault("video_processor", dict(cfg["image_processor"], video_processor_type="Qwen2VLVideoProcessor"))
+        json.dump(cfg, open(path, "w"), indent=2)
+
+
+# ----------------------------------------------------------------------------- prompts and completions
+def build_prompts(processor, images, questions):
+    """Chat-formatted, LEFT-padded prompts with their images, ready for generate() or a forward.
+
+    Returns a BatchFeature: input_ids / attention_mask / mm_token_type_ids [N, P],
+    pixel_values [sum of patches, 3*2*14*14], image_grid_thw [N, 3]. Never truncated: cutting a
+    prompt would cut image tokens and break the token/feature correspondence asserted below.
+    """
+    texts = [processor.apply_chat_template(
+        [{"role": "system", "content": SYSTEM_PROMPT},
+         {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": q}]}],
+        add_generation_prompt=True, tokenize=False) for q in questions]
+    batch = processor(images=[[im] for im in images], text=texts, return_tensors="pt", padding=True)
+    merge = processor.image_processor.merge_size ** 2
+    n_tokens = int((batch["input_ids"] == processor.image_token_id).sum())
+    n_features = int(batch["image_grid_thw"].prod(-1).sum()) // merge
+    assert n_tokens == n_features, f"{n_tokens} image tokens in the prompts but {n_features} image features"
+    return batch
+
+
+def end_ids(model):
+    """Token ids that end an assistant turn (Qwen: <|im_end|>, and <|endoftext|> on some configs)."""
+    eos = model.generation_config.eos_token_id
+    return [eos] if isinstance(eos, int) else list(eos)
+
+
+def completion_mask(ids, end_token_ids):
+    """1 for every completion token up to AND including the first end-of-turn token, 0 after.
+
+    ids [N, T] -> mask [N, T] (float). Found by position, not by comparing with the pad id, so
+    the end token itself is kept even where pad == eos (masking it would teach "never stop").
+    """
+    is_end = torch.isin(ids, torch.tensor(end_token_ids, device=ids.device)).long()
+    after_end = (is_end.cumsum(1) - is_end) > 0
+    return (~after_end).float()
+
+
+def tokenize_completions(processor, texts, end_token_id):
+    """Reference responses -> RIGHT-padded completion ids [N, T] ending in the end-of-turn token,
+    and their mask [N, T]. The SFT targets are exactly these tokens."""
+    tok = processor.tokenizer
+    rows = [tok(t, add_special_tokens=False)["input_ids"] + [end_token_id] for t in texts]
+    T = max(len(r) for r in rows)
+    ids = torch.full((len(rows), T), tok.pad_token_id, dtype=torch.long)
+    mask = torch.zeros(len(rows), T)
+    for i, r in enumerate(rows):
+        ids[i, :len(r)], mask[i, :len(r)] = torch.tensor(r), 1.0
+    return ids, mask
+
+
+# ----------------------------------------------------------------------------- the two operations
+@torch.no_grad()
+def sample(model, processor, images, questions, group_size=1, max_new_tokens=160,
+           temperature=1.0, top_p=1.0, greedy=False):
+    """Sample `group_size` completions per prompt in ONE batched, KV-cached generate call.
+
+    B prompts -> N = B * G rows, prompt i's group in rows i*G .. i*G+G-1. Returns a dict:
+      prompt           BatchFeature of the N left-padded prompts (reused to score the completions)
+      completion_ids   [N, T] sampled tokens (T = longest completion in the batch)
+      completion_mask  [N, T] 1 up to and including the first end-of-turn token
+      texts            N decoded completions (think/answer tags kept, end token dropped)
+      truncated        [N] bool, True where no end-of-turn token was produced
+    """
+    device = next(model.parameters()).device
+    images = [im for im in images for _ in range(group_size)]
+    questions = [q for q in questions for _ in range(group_size)]
+    prompt = build_prompts(processor, images, questions).to(device)
+    knobs = dict(do_sample=False) if greedy else dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=0)
+    out = model.generate(**prompt, max_new_tokens=max_new_tokens, use_cache=True,
+                         pad_token_id=processor.tokenizer.pad_token_id, eos_token_id=end_ids(model), **knobs)
+    ids = out[:, prompt["input_ids"].shape[1]:]                               # [N, T]
+    mask = completion_mask(ids, end_ids(model))                               # [N, T]
+    ended = torch.isin(ids, torch.tensor(end_ids(model), device=device)).any(1)
+    texts = processor.tokenizer.batch_decode(
+        [row[: int(m.sum())] for row, m in zip(ids, mask)], skip_special_tokens=True)
+    return {"prompt": prompt, "completion_ids": ids, "completion_mask": mask, "texts": texts,
+            "truncated": ~ended}
+
+
+def completion_logprobs(model, prompt, completion_ids, completion_mask):
+    """log pi(y_t | image, prompt, y_<t) for every completion token: [N, T].
+
+    One forward over [prompt | completion]. Logits at position P-1+t predict completion token t,
+    so we keep only the last T+1 positions (`logits_to_keep`: no [N, P+T, V] tensor for a 150k
+    vocabulary). mm_token_type_ids is extended with zeros (text) over the completion so the 3-D
+    rotary positions are computed exactly as during generation.
+    Values past the end-of-turn token are meaningless: multiply by the mask before using them.
+    """
+    T = completion_ids.shape[1]
+    input_ids = torch.cat([prompt["input_ids"], completion_ids], 1)                          # [N, P+T]
+    attention_mask = torch.cat([prompt["attention_mask"], completion_mask.to(prompt["attention_mask"].dtype)], 1)
+    mm_token_type_ids = torch.cat([prompt["mm_token_type_ids"], torch.zeros_like(completion_ids)], 1)
+    logits = model(input_ids=input_ids, attention_mask=attention_mask, mm_token_type_ids=mm_token_type_ids,
+                   pixel_values=prompt["pixel_values"], image_grid_thw=prompt["image_grid_thw"],
+                   logits_to_keep=T + 1, use_cache=False).logits[:, :-1].float()            # [N, T, V]
+    picked = logits.gather(-1, completion_ids.unsqueeze(-1)).squeeze(-1)                    # [N, T]
+    return picked - torch.logsumexp(logits, dim=-1)                                          # [N, T]
+
+
+# ----------------------------------------------------------------------------- benchmark
+def benchmark(name="tiny", device="auto", batch_size=16, n_prompts=4, group_size=16, max_new_tokens=128, repeats=3):
+    """Print the costs that size a training run: parameters, forward+backward at `batch_size`
+    on reference traces, and one batched generate of n_prompts * group_size completions."""
+    import time
+    import data
+    device, amp = pick_device(device)
+    model, processor = load(name, device)
+    rows = [data.make_sample("train", i) for i in range(batch_size)]
+    images, questions = [r["image"] for r in rows], [r["question"] for r in rows]
+    print(f"{name} on {device} (autocast {amp}): {sum(p.numel() for p in model.parameters()):,} parameters")
+    prompt = build_prompts(processor, images, questions).to(device)
+    ids, mask = tokenize_completions(processor, [r["response"] for r in rows], end_ids(model)[0])
+    ids, mask = ids.to(device), mask.to(device)
+    print(f"  batch of {batch_size}: prompt {tuple(prompt['input_ids'].shape)}, completion {tuple(ids.shape)}")
+    times = []
+    for _ in range(repeats + 1):                       # the first pass warms up allocators: not counted
+        t = time.perf_counter()
+        with torch.autocast(device.type, dtype=amp, enabled=amp != torch.float32):
+            loss = -(completion_logprobs(model, prompt, ids, mask) * mask).sum() / mask.sum()
+        loss.backward()
+        model.zero_grad(set_to_none=True)
+        times.append(time.perf_counter() - t)
+    print(f"  forward+backward, batch {batch_size}: {min(times[1:]):.3f} s (best of {repeats})")
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        out = sample(model, processor, images[:n_prompts], questions[:n_prompts], group_size, max_new_tokens)
+        times.append(time.perf_counter() - t)
+    n = n_prompts * group_size
+    print(f"  generate {n} completions x {max_new_tokens} new tokens max (mean length "
+          f"{out['completion_mask'].sum(1).mean():.0f}): {min(times):.3f} s (best of {repeats})")
+
+
+if __name__ == "__main__":
+    import argparse
+    ap = argparse.ArgumentParser(description="Benchmark a model through this file's loader and helpers.")
+    ap.add_argument("--model", default="tiny", help="'tiny', a Hub id or a checkpoint directory")
+    ap.add_argument("--device", default="auto", help="'auto' (CUDA if available), 'cpu' or 'cuda'")
+    ap.add_argument("--batch-size", type=int, default=16, help="sequences per forward+backward")
+    ap.add_argument("--group-size", type=int, default=16, help="completions per prompt in the generate timing")
+    ap.add_argument("--max-new-tokens", type=int, default=128, help="generation budget per completion")
+    a = ap.parse_args()
+    benchmark(a.model, a.device, a.batch_size, group_size=a.group_size, max_new_tokens=a.max_new_tokens)

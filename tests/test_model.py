@@ -1,0 +1,140 @@
+"""The tiny Qwen2.5-VL, the checkpoint path, and the two operations the trainers rely on."""
+import json
+
+import pytest
+import torch
+
+import data
+import model as M
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return M.load("tiny")
+
+
+@pytest.fixture(scope="module")
+def batch():
+    rows = [data.make_sample("train", i) for i in range(4)]
+    return [r["image"] for r in rows], [r["question"] for r in rows], [r["response"] for r in rows]
+
+
+def test_tiny_is_a_real_qwen2_5_vl(tiny):
+    model, processor = tiny
+    assert type(model).__name__ == "Qwen2_5_VLForConditionalGeneration"
+    n = sum(p.numel() for p in model.parameters())
+    assert 1e6 < n < 5e6, n
+    tok = processor.tokenizer
+    # digits are single tokens, the tags are single tokens that survive decoding
+    assert tok.tokenize("[60, 120]").count("1") == 1 and "<think>" in tok.tokenize("<think>x")
+    assert tok.decode(tok("<think>a</think><|im_end|>")["input_ids"], skip_special_tokens=True) == "<think>a</think>"
+    assert model.generation_config.eos_token_id == tok.convert_tokens_to_ids("<|im_end|>")
+
+
+def test_image_tokens_equal_vision_features(tiny, batch):
+    model, processor = tiny
+    prompt = M.build_prompts(processor, *batch[:2])
+    feats = model.get_image_features(prompt["pixel_values"], prompt["image_grid_thw"]).pooler_output
+    n_tokens = (prompt["input_ids"] == processor.image_token_id).sum(1)           # per prompt
+    assert [f.shape[0] for f in feats] == n_tokens.tolist() == [16] * 4            # 112 px -> 8x8 -> 2x2 merged
+
+
+def test_completion_mask_keeps_the_first_end_token_even_when_pad_is_eos():
+    E = 9  # end token, also used as padding after it
+    ids = torch.tensor([[5, 6, E, E, E], [5, E, 7, 8, E], [5, 6, 7, 8, 4]])
+    expect = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 0, 0, 0], [1, 1, 1, 1, 1]]).float()
+    assert torch.equal(M.completion_mask(ids, [E]), expect)
+    assert torch.equal(M.completion_mask(ids, [E, 4]), torch.tensor([[1, 1, 1, 0, 0], [1, 1, 0, 0, 0], [1, 1, 1, 1, 1.]]))
+
+
+def test_logprobs_equal_a_hand_written_forward(tiny, batch):
+    model, processor = tiny
+    images, questions, responses = batch
+    prompt = M.build_prompts(processor, images, questions)
+    ids, mask = M.tokenize_completions(processor, responses, M.end_ids(model)[0])
+    with torch.no_grad():
+        got = M.completion_logprobs(model, prompt, ids, mask)                          # [N, T]
+        full = torch.cat([prompt["input_ids"], ids], 1)
+        logits = model(input_ids=full, attention_mask=torch.cat([prompt["attention_mask"], mask.long()], 1),
+                       mm_token_type_ids=torch.cat([prompt["mm_token_type_ids"], torch.zeros_like(ids)], 1),
+                       pixel_values=prompt["pixel_values"], image_grid_thw=prompt["image_grid_thw"]).logits
+    P = prompt["input_ids"].shape[1]
+    for i in range(len(responses)):
+        for t in range(int(mask[i].sum())):   # token t of the completion is predicted at P + t - 1
+            want = torch.log_softmax(logits[i, P + t - 1], -1)[ids[i, t]]
+            assert got[i, t].item() == pytest.approx(want.item(), abs=1e-5)
+
+
+def test_mm_token_type_ids_change_the_logits(tiny, batch):
+    """Why every forward passes mm_token_type_ids: without them M-RoPE silently falls back to 1-D."""
+    model, processor = tiny
+    prompt = M.build_prompts(processor, *batch[:2])
+    with torch.no_grad():
+        kw = dict(input_ids=prompt["input_ids"], attention_mask=prompt["attention_mask"],
+                  pixel_values=prompt["pixel_values"], image_grid_thw=prompt["image_grid_thw"])
+        with_3d = model(**kw, mm_token_type_ids=prompt["mm_token_type_ids"]).logits
+        without = model(**kw).logits
+    assert (with_3d - without).abs().max() > 1e-3
+
+
+def test_sampling_groups_and_logprobs_match_generation(tiny, batch):
+    model, processor = tiny
+    images, questions, _ = batch
+    torch.manual_seed(0)
+    out = M.sample(model, processor, images[:2], questions[:2], group_size=3, max_new_tokens=12)
+    ids, mask, prompt = out["completion_ids"], out["completion_mask"], out["prompt"]
+    assert ids.shape[0] == 6 and len(out["texts"]) == 6 and mask.shape == ids.shape
+    assert torch.equal(prompt["input_ids"][0], prompt["input_ids"][2])              # one group, one prompt
+    assert not torch.equal(prompt["input_ids"][2], prompt["input_ids"][3])
+    # The scoring pass must see what generation saw: same 3-D positions, same logits.
+    gen = model.generate(**prompt, max_new_tokens=12, do_sample=False, output_logits=True,
+                         return_dict_in_generate=True, pad_token_id=processor.tokenizer.pad_token_id)
+    g_ids = gen.sequences[:, prompt["input_ids"].shape[1]:]
+    g_mask = M.completion_mask(g_ids, M.end_ids(model))
+    want = torch.stack([torch.log_softmax(l.float(), -1) for l in gen.logits], 1).gather(-1, g_ids[..., None])[..., 0]
+    with torch.no_grad():
+        got = M.completion_logprobs(model, prompt, g_ids, g_mask)
+    assert torch.allclose(got * g_mask, want * g_mask, atol=1e-4)
+
+
+def test_save_then_load_through_the_checkpoint_path(tiny, batch, tmp_path):
+    model, processor = tiny
+    M.save(model, processor, str(tmp_path))
+    cfg = json.load(open(tmp_path / "processor_config.json"))
+    assert cfg["processor_class"] == "Qwen2_5_VLProcessor" and "video_processor" in cfg
+    model2, processor2 = M.load(str(tmp_path))                      # the real-checkpoint branch
+    images, questions, responses = batch
+    p1, p2 = M.build_prompts(processor, images, questions), M.build_prompts(processor2, images, questions)
+    assert torch.equal(p1["input_ids"], p2["input_ids"]) and torch.equal(p1["pixel_values"], p2["pixel_values"])
+    ids, mask = M.tokenize_completions(processor, responses, M.end_ids(model)[0])
+    with torch.no_grad():
+        a, b = M.completion_logprobs(model, p1, ids, mask), M.completion_logprobs(model2, p2, ids, mask)
+    assert torch.equal(a, b)
+
+
+def test_qwen2_vl_checkpoints_load_too(tiny, batch, tmp_path):
+    """The older Qwen2-VL architecture goes through the same load() and helpers."""
+    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
+    ref, processor = tiny
+    c = ref.config
+    config = Qwen2VLConfig(
+        text_config=dict(M.TINY_TEXT, vocab_size=c.text_config.vocab_size, eos_token_id=c.text_config.eos_token_id,
+                         pad_token_id=c.text_config.pad_token_id, bos_token_id=c.text_config.bos_token_id),
+        vision_config=dict(depth=1, embed_dim=64, hidden_size=M.TINY_TEXT["hidden_size"], num_heads=2, patch_size=14),
+        image_token_id=c.image_token_id, video_token_id=c.video_token_id,
+        vision_start_token_id=c.vision_start_token_id, vision_end_token_id=c.vision_end_token_id)
+    model = Qwen2VLForConditionalGeneration(config)
+    model.generation_config.eos_token_id = c.text_config.eos_token_id
+    M.save(model, processor, str(tmp_path))
+    loaded, proc = M.load(str(tmp_path))
+    assert type(loaded).__name__ == "Qwen2VLForConditionalGeneration"
+    out = M.sample(loaded, proc, batch[0][:1], batch[1][:1], group_size=2, max_new_tokens=4)
+    with torch.no_grad():
+        lp = M.completion_logprobs(loaded, out["prompt"], out["completion_ids"], out["completion_mask"])
+    assert lp.shape == out["completion_ids"].shape and torch.isfinite(lp).all()
+
+
+def test_bad_checkpoint_names_the_path(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
+    with pytest.raises(AssertionError, match="gpt2"):
+        M.load(str(tmp_path))
