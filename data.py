@@ -17,6 +17,7 @@ Conventions (GEMeX): boxes are integer pixels [x1, y1, x2, y2] of the image the 
 image's LEFT.
 """
 import argparse
+import hashlib
 import math
 from collections import Counter
 from dataclasses import dataclass
@@ -107,7 +108,7 @@ def draw_radiograph(rng, frame, findings):
     # per-image anatomy: lung size, diaphragm height (right usually higher), heart size
     top, lw = rng.uniform(0.13, 0.19), rng.uniform(0.14, 0.17)
     dia_r, dia_l = rng.uniform(0.70, 0.76), rng.uniform(0.73, 0.79)
-    heart_w = rng.uniform(0.12, 0.145) * (1.4 if "cardiomegaly" in kinds else 1.0)
+    heart_w = rng.uniform(0.12, 0.145) * (1.5 if "cardiomegaly" in kinds else 1.0)
     body = ellipse(0.5, 0.55, 0.46, 0.62)
     heart = ellipse(0.5 + heart_w * 0.35, 0.665, heart_w, 0.095) & (V < dia_l + 0.01)
     mediast = (np.abs(U - 0.5) < 0.05 + 0.03 * V) & (V > 0.04) & (V < 0.64)
@@ -132,8 +133,8 @@ def draw_radiograph(rng, frame, findings):
     img = np.where(body, 0.55, 0.04)
     lung_any = lungs["right"] | lungs["left"]
     ribs = 0.5 + 0.5 * np.sin((V + 0.9 * (U - 0.5) ** 2) * 2 * math.pi * 11 + rng.uniform(0, 6))
-    vessels = _smooth_noise(rng, frame, 6) * 0.12
-    img = np.where(lung_any, 0.18 + 0.09 * ribs ** 4 + vessels, img)
+    vessels = _smooth_noise(rng, frame, 6) * 0.10
+    img = np.where(lung_any, 0.18 + 0.07 * ribs ** 4 + vessels, img)
     img = np.where(V > np.where(U < 0.5, dia_r, dia_l) + 0.02, np.where(body, 0.62, img), img)
     img = np.where(mediast, 0.72, img)
     img = np.where(mediast & (np.abs(U - 0.5) < 0.014) & (V < 0.36), 0.42, img)   # trachea: air
@@ -147,18 +148,18 @@ def draw_radiograph(rng, frame, findings):
         cy, cx = ys[j], xs[j]
         R2 = (np.arange(frame)[None, :] - cx) ** 2 + (np.arange(frame)[:, None] - cy) ** 2
         if kind == "nodule":
-            img += 0.45 * np.exp(-R2 / (2 * (frame * rng.uniform(0.012, 0.018)) ** 2)) * lung_any
+            img += 0.5 * np.exp(-R2 / (2 * (frame * rng.uniform(0.018, 0.025)) ** 2)) * lung_any
         elif kind == "mass":
-            img += 0.45 * (R2 < (frame * rng.uniform(0.04, 0.055)) ** 2) * lung_any
+            img += 0.45 * (R2 < (frame * rng.uniform(0.05, 0.07)) ** 2) * lung_any
         elif kind == "consolidation":
             patch = (_smooth_noise(rng, frame, 10) > -0.1) & m
-            img = np.where(patch, img + 0.32, img)
+            img = np.where(patch, img + 0.35, img)
         elif kind == "pleural effusion":                       # fluid fills the base, meniscus rises laterally
             lung = lungs[side]
             level = V[lung].max() - rng.uniform(0.09, 0.15) - 0.08 * np.abs(U - 0.5) / 0.35
             img = np.where(lung & (V > level), 0.66, img)
         elif kind == "pneumothorax":                           # air rim at the apex/lateral wall, no markings
-            lung, d = lungs[side], rng.uniform(0.12, 0.2)
+            lung, d = lungs[side], rng.uniform(0.16, 0.25)
             rim = lung & (shape[side] > (1 - d) ** 2) & (V < V[m].max() + 0.08)
             line = lung & (shape[side] > (1 - d - 0.04) ** 2) & ~rim & (V < V[m].max() + 0.08)
             img = np.where(rim, 0.03, np.where(line, 0.5, img))
@@ -276,7 +277,9 @@ def make_sample(split, index, seed=0, frame=112):
 
 
 # ----------------------------------------------------------------------------- datasets container
-def _generate(split, n, seed, frame):
+def _generate(split, n, seed, frame, source_hash):
+    # source_hash is unused here: it is in gen_kwargs so that editing this file invalidates the
+    # cache (datasets fingerprints the arguments, not the code that _generate calls).
     for i in range(n):
         yield make_sample(split, i, seed, frame)
 
@@ -285,8 +288,9 @@ def load_synthetic(split="train", n=None, cfg=DataConfig(), cache_dir=None):
     """A `datasets.Dataset` of the synthetic split with the GEMeX columns (+ decoded `image`).
 
     Built once by a generator and cached on disk by `datasets` (keyed on the arguments), so
-    the second run of any script loads it in about a second. Smaller sets are prefixes of
-    the full split: `--train-size 1000` trains on a subset of what `--train-size 8000` sees.
+    the second run of any script loads it in about a second. Each sample has its own seed, so
+    a smaller set is a prefix of the full split: `--train-size 1000` trains on a subset of
+    what `--train-size 8000` sees, and only those 1000 are generated.
     """
     import datasets
     full = {"train": cfg.n_train, "validation": cfg.n_val, "test": cfg.n_test}[split]
@@ -301,11 +305,13 @@ def load_synthetic(split="train", n=None, cfg=DataConfig(), cache_dir=None):
     try:
         ds = datasets.Dataset.from_generator(
             _generate, features=features, split=datasets.NamedSplit(split),
-            gen_kwargs={"split": split, "n": full, "seed": cfg.seed, "frame": cfg.frame}, cache_dir=cache_dir)
+            gen_kwargs={"split": split, "n": n, "seed": cfg.seed, "frame": cfg.frame,
+                        "source_hash": hashlib.sha1(open(__file__, "rb").read()).hexdigest()},
+            cache_dir=cache_dir)
     finally:
         if was:
             datasets.enable_progress_bars()
-    return ds.select(range(n)) if n < full else ds
+    return ds
 
 
 # ----------------------------------------------------------------------------- preview and statistics
