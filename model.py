@@ -43,11 +43,11 @@ CHAT_TEMPLATE = (  # Qwen's ChatML, reduced to what we use: text and image parts
 # The tiny model. Text: head_dim = 192 / 6 = 32, so mrope_section (temporal, height, width
 # frequency pairs) must sum to 16. Vision: 14-px patches, 2x2 merged, so a 112-px image is an
 # 8x8 patch grid and 16 image tokens.
-TINY_TEXT = dict(hidden_size=192, intermediate_size=512, num_hidden_layers=4, num_attention_heads=6,
+TINY_TEXT = dict(hidden_size=128, intermediate_size=384, num_hidden_layers=4, num_attention_heads=4,
                  num_key_value_heads=2, max_position_embeddings=1024, rms_norm_eps=1e-6,
                  rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [4, 6, 6]})
-TINY_VISION = dict(depth=2, hidden_size=128, intermediate_size=256, num_heads=4, patch_size=14,
-                   spatial_merge_size=2, temporal_patch_size=2, window_size=112, fullatt_block_indexes=[1])
+TINY_VISION = dict(depth=3, hidden_size=128, intermediate_size=256, num_heads=4, patch_size=14,
+                   spatial_merge_size=2, temporal_patch_size=2, window_size=112, fullatt_block_indexes=[2])
 TINY_PIXELS = 112 * 112  # the image processor resizes every image to this budget: 16 tokens
 
 
@@ -240,6 +240,24 @@ def completion_logprobs(model, prompt, completion_ids, completion_mask):
                    logits_to_keep=T + 1, use_cache=False).logits[:, :-1].float()            # [N, T, V]
     picked = logits.gather(-1, completion_ids.unsqueeze(-1)).squeeze(-1)                    # [N, T]
     return picked - torch.logsumexp(logits, dim=-1)                                          # [N, T]
+
+
+# ----------------------------------------------------------------------------- plumbing
+def parse_config(cls, doc="", nargs=None):
+    """Expose a config dataclass as command-line flags (max_steps -> --max-steps). Each flag's help
+    is the one-line comment written after its field, so the dataclass stays the single source.
+    `nargs` maps a field to argparse's nargs (e.g. {"checkpoint": "+"}): that field becomes a list."""
+    import argparse
+    import dataclasses
+    import inspect
+    import re
+    comments = dict(re.findall(r"^\s+(\w+):[^=\n]+=[^#\n]+#\s*(.+)$", inspect.getsource(cls), re.M))
+    ap = argparse.ArgumentParser(description=doc.strip().split("\n")[0])
+    for f in dataclasses.fields(cls):
+        ap.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), default=f.default,
+                        nargs=(nargs or {}).get(f.name),
+                        help=f"{comments.get(f.name, '')} (default: {f.default})".replace("%", "%%"))
+    return cls(**vars(ap.parse_args()))
 
 
 # ----------------------------------------------------------------------------- benchmark
