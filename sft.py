@@ -1,0 +1,145 @@
+"""sft.py -- Stage 1: supervised fine-tuning on ThinkVG traces.
+
+The model learns to produce `<think>... region [x1, y1, x2, y2] ...</think><answer>...</answer>`
+by teacher forcing: cross-entropy on the response tokens only (the system prompt, question and
+image tokens are context, never targets), AdamW with linear warm-up and cosine decay.
+
+    python sft.py                          # tiny model, synthetic data, CPU: see README for timings
+    python sft.py --model Qwen/Qwen2.5-VL-3B-Instruct --device cuda --batch-size 4 --lr 1e-5
+
+Writes to --out: metrics.jsonl (one JSON object per log line), run_config.json (this run's
+flags; config.json is the model's, written by save_pretrained) and the final model + processor,
+loadable with `model.load(OUT)` or plain `from_pretrained(OUT)`.
+"""
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+from tqdm import tqdm
+
+import data
+import model as M
+import reward
+
+# ----------------------------------------------------------------------------- config
+@dataclass
+class SFTConfig:
+    model: str = "tiny"          # 'tiny' (built offline) or a Qwen2(.5)-VL Hub id / checkpoint directory
+    out: str = "runs/sft"        # output directory for metrics, config and the final checkpoint
+    max_steps: int = 2400        # optimizer steps (the default run fits in 10 minutes on 2 CPU cores)
+    batch_size: int = 16         # samples per step
+    lr: float = 2e-3             # peak learning rate (tiny model from scratch; ~1e-5 for a pretrained 3B)
+    warmup_steps: int = 100      # linear warm-up steps before cosine decay to 10% of lr
+    weight_decay: float = 0.01   # AdamW decoupled weight decay
+    grad_clip: float = 1.0       # clip the global gradient norm to this
+    train_size: int = 8000       # training samples used (a prefix of the train split)
+    eval_every: int = 250        # greedy validation every this many steps (0: only at the end)
+    eval_n: int = 64             # validation samples per evaluation
+    seed: int = 0                # seed for init, data order and sampling
+    device: str = "auto"         # 'auto' (CUDA if available), 'cpu' or 'cuda'
+
+
+# ----------------------------------------------------------------------------- helpers
+def lr_at(step, cfg):
+    """Linear warm-up, then cosine decay to 10% of the peak."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    progress = (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps)
+    return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))))
+
+
+def batch_order(lengths, batch_size, seed, group=16):
+    """One epoch of batches (lists of row indices), shuffled but length-grouped: take `group`
+    batches' worth of random rows, sort them by length, cut into batches, shuffle the batches.
+    Multi-choice traces are twice the mean length, so random batches are ~1/3 padding; grouped
+    ones are nearly dense, which buys ~1.4x more samples per CPU-minute."""
+    g = torch.Generator().manual_seed(seed)
+    perm = torch.randperm(len(lengths), generator=g).tolist()
+    batches = []
+    for i in range(0, len(perm) - batch_size + 1, batch_size * group):
+        chunk = sorted(perm[i: i + batch_size * group], key=lambda j: lengths[j])
+        batches += [chunk[k: k + batch_size] for k in range(0, len(chunk) - batch_size + 1, batch_size)]
+    return [batches[i] for i in torch.randperm(len(batches), generator=g).tolist()]
+
+
+def sft_batch(processor, rows, end_id, device):
+    """Rows (a dict of lists from datasets) -> prompt BatchFeature, target ids [B, T], mask [B, T].
+    The mask is 1 on exactly the response tokens and the end-of-turn token after them."""
+    prompt = M.build_prompts(processor, rows["image"], rows["question"]).to(device)
+    ids, mask = M.tokenize_completions(processor, rows["response"], end_id)
+    return prompt, ids.to(device), mask.to(device)
+
+
+@torch.no_grad()
+def greedy_eval(model, processor, rows, max_new_tokens=160):
+    """Greedy answers on a few validation rows -> mean reward components (all in [0, 1])."""
+    model.eval()
+    out = M.sample(model, processor, rows["image"], rows["question"], greedy=True, max_new_tokens=max_new_tokens)
+    model.train()
+    frame = rows["image"][0].size
+    scores = [reward.score(t, r, q, frame=frame) for t, r, q in zip(out["texts"], rows["response"], rows["question_type"])]
+    means = {k: sum(s[k] for s in scores) / len(scores) for k in ("format", "answer", "iou", "grounding")}
+    return means, out["texts"][0]
+
+
+# ----------------------------------------------------------------------------- main
+def main(cfg):
+    device, amp = M.pick_device(cfg.device)
+    print(f"device {device}, autocast {amp}")
+    torch.manual_seed(cfg.seed)
+    os.makedirs(cfg.out, exist_ok=True)
+    json.dump(asdict(cfg), open(os.path.join(cfg.out, "run_config.json"), "w"), indent=2)
+    model, processor = M.load(cfg.model, device, seed=cfg.seed)
+    model.train()
+    end_id = M.end_ids(model)[0]
+    train = data.load_synthetic("train", n=cfg.train_size)
+    val = data.load_synthetic("validation")[: cfg.eval_n]
+    print(f"{cfg.model}: {sum(p.numel() for p in model.parameters()):,} parameters; {len(train)} training samples")
+
+    decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
+    no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.95))
+    lengths = [len(q) + len(r) for q, r in zip(train["question"], train["response"])]  # characters: a proxy
+    log = open(os.path.join(cfg.out, "metrics.jsonl"), "a")
+    bar, t0, epoch, order = tqdm(range(cfg.max_steps), desc="sft"), time.time(), 0, []
+    for step in bar:
+        # ---- data: length-grouped batches from a seeded shuffle, a new one each epoch
+        if not order:
+            order, epoch = batch_order(lengths, cfg.batch_size, cfg.seed + epoch), epoch + 1
+        rows = train[order.pop()]
+        prompt, ids, mask = sft_batch(processor, rows, end_id, device)
+
+        # ---- the algorithm: token-mean cross-entropy on response tokens only
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step, cfg)
+        with torch.autocast(device.type, dtype=amp, enabled=amp != torch.float32):
+            logp = M.completion_logprobs(model, prompt, ids, mask)        # [B, T]
+        loss = -(logp * mask).sum() / mask.sum()
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+        # ---- logging
+        bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{lr_at(step, cfg):.1e}")
+        rec = {"step": step + 1, "loss": loss.item(), "lr": lr_at(step, cfg), "grad_norm": grad_norm.item(),
+               "elapsed_s": round(time.time() - t0, 1)}
+        last = step + 1 == cfg.max_steps
+        if (cfg.eval_every and (step + 1) % cfg.eval_every == 0) or last:
+            means, example = greedy_eval(model, processor, val)
+            rec.update({f"val_{k}": v for k, v in means.items()})
+            tqdm.write(f"step {step + 1}: loss {loss.item():.3f} | val " +
+                       " ".join(f"{k} {v:.2f}" for k, v in means.items()) + f"\n  e.g. {example[:160]}")
+        log.write(json.dumps(rec) + "\n")
+        log.flush()
+
+    M.save(model, processor, cfg.out)
+    print(f"saved {cfg.out} after {time.time() - t0:.0f} s")
+
+
+if __name__ == "__main__":
+    main(M.parse_config(SFTConfig, __doc__))

@@ -1,0 +1,50 @@
+"""sft.py: the loss mask covers exactly the response tokens, and the script runs end to end."""
+import json
+import subprocess
+import sys
+
+import torch
+
+import data
+import model as M
+import sft
+
+
+def test_loss_mask_is_exactly_the_response_and_its_end_token():
+    model, processor = M.load("tiny")
+    rows = {k: [] for k in ("image", "question", "response")}
+    for i in range(3):
+        s = data.make_sample("train", i)
+        for k in rows:
+            rows[k].append(s[k])
+    end = M.end_ids(model)[0]
+    prompt, ids, mask = sft.sft_batch(processor, rows, end, "cpu")
+    tok = processor.tokenizer
+    for i, response in enumerate(rows["response"]):
+        target = ids[i][mask[i].bool()].tolist()
+        assert target == tok(response, add_special_tokens=False)["input_ids"] + [end]   # all of it, in order
+        assert tok.decode(target[:-1]) == response                                     # and nothing else
+    # nothing of the prompt (system text, question, image tokens) is ever a target
+    assert not torch.isin(ids[mask.bool()], torch.tensor([processor.image_token_id])).any()
+    assert mask.sum() < ids.numel() or len(set(len(r) for r in rows["response"])) == 1
+
+
+def test_sft_then_evaluate_smoke(tmp_path):
+    out = tmp_path / "sft"
+    r = subprocess.run([sys.executable, "sft.py", "--max-steps", "4", "--batch-size", "4", "--eval-every", "2",
+                        "--eval-n", "2", "--train-size", "64", "--out", str(out)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [x["step"] for x in lines] == [1, 2, 3, 4] and lines[-1]["loss"] < lines[0]["loss"]
+    assert all(0 <= lines[-1][f"val_{k}"] <= 1 for k in ("format", "answer", "iou", "grounding"))
+    assert json.loads((out / "run_config.json").read_text())["max_steps"] == 4
+    # ... and evaluate.py reads what sft.py wrote
+    res = tmp_path / "eval.json"
+    r = subprocess.run([sys.executable, "evaluate.py", "--checkpoint", str(out), "--split", "validation",
+                        "--n", "6", "--batch-size", "3", "--max-new-tokens", "12", "--json", str(res),
+                        "--gallery", str(tmp_path / "g.png")], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    summary = json.loads(res.read_text())
+    assert summary["checkpoint"] == str(out) and summary["n"] == 6
+    assert all(0 <= summary[k] <= 1 for k in ("format_rate", "accuracy", "mean_iou", "iou50_rate", "grounding_rate"))
+    assert (tmp_path / "g.png").exists()
