@@ -1,0 +1,164 @@
+"""evaluate.py -- how good is a checkpoint, and is B really better than A?
+
+    python evaluate.py --checkpoint runs/sft
+    python evaluate.py --checkpoint runs/sft runs/grpo --json results.json
+
+Greedy decoding on the same held-out samples for every checkpoint, scored by reward.py. One
+table of metrics, then -- with two or more checkpoints -- the paired difference of each metric
+against the first checkpoint with a 95% paired-bootstrap interval: the samples are the same, so
+we resample samples (not checkpoints) and the interval says whether a gain of a few points on a
+thousand questions is more than noise. A PNG gallery shows what the numbers mean.
+
+Metrics (each a mean over samples):
+  format_rate     well-formed <think>/<answer> with at least one valid box
+  accuracy        exact answer check for the question type (also per type)
+  mean_iou        dense IoU: optimal matched IoU / max(#predicted, #reference boxes)
+  iou50_rate      fraction with dense IoU >= 0.5
+  grounding_rate  the paper's rule: same number of boxes and mean matched IoU > 0.75
+  mean_length     completion length in tokens, end-of-turn token included
+"""
+import json
+import textwrap
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw
+
+import data
+import model as M
+import reward
+
+METRICS = ["format_rate", "accuracy", "mean_iou", "iou50_rate", "grounding_rate", "mean_length"]
+
+
+# ----------------------------------------------------------------------------- config
+@dataclass
+class EvalConfig:
+    checkpoint: str = "runs/sft"     # one or more checkpoint directories (space separated on the command line)
+    split: str = "test"              # 'test' or 'validation'
+    n: int = 1000                    # samples evaluated (a prefix of the split: the same for every checkpoint)
+    batch_size: int = 100            # prompts per generate call
+    max_new_tokens: int = 160        # generation budget per answer
+    json: str = ""                   # also write the numbers to this JSON file
+    gallery: str = "gallery.png"     # PNG gallery of a few samples per checkpoint ('' to skip)
+    bootstrap: int = 2000            # paired-bootstrap resamples for the confidence intervals
+    device: str = "auto"             # 'auto' (CUDA if available), 'cpu' or 'cuda'
+
+
+# ----------------------------------------------------------------------------- scoring
+@torch.no_grad()
+def run_checkpoint(path, rows, cfg, device):
+    """Greedy completions for every row -> per-sample records (dicts of floats) and texts."""
+    model, processor = M.load(path, device)
+    model.eval()
+    records, texts = [], []
+    for i in range(0, len(rows["question"]), cfg.batch_size):
+        batch = {k: v[i: i + cfg.batch_size] for k, v in rows.items()}
+        out = M.sample(model, processor, batch["image"], batch["question"], greedy=True,
+                       max_new_tokens=cfg.max_new_tokens)
+        for text, ref, qtype, length, image in zip(out["texts"], batch["response"], batch["question_type"],
+                                                   out["completion_mask"].sum(1).tolist(), batch["image"]):
+            s = reward.score(text, ref, qtype, frame=image.size)
+            records.append({"format_rate": s["format"], "accuracy": s["answer"], "mean_iou": s["iou"],
+                            "iou50_rate": float(s["iou"] >= 0.5), "grounding_rate": s["grounding"],
+                            "mean_length": float(length), "question_type": qtype})
+            texts.append(text)
+    return records, texts
+
+
+def summarise(path, records):
+    """Per-sample records -> the stable JSON object of one checkpoint."""
+    out = {"checkpoint": path, "n": len(records)}
+    for m in METRICS:
+        out[m] = float(np.mean([r[m] for r in records]))
+    out["accuracy_by_type"] = {t: float(np.mean([r["accuracy"] for r in records if r["question_type"] == t] or [0.0]))
+                               for t in data.QUESTION_TYPES}
+    return out
+
+
+def paired_bootstrap(a, b, n_boot, seed=0):
+    """Mean of b - a over paired samples, with a 95% percentile-bootstrap interval."""
+    diff = np.asarray(b) - np.asarray(a)
+    idx = np.random.default_rng(seed).integers(0, len(diff), size=(n_boot, len(diff)))
+    boots = diff[idx].mean(1)
+    return {"diff": float(diff.mean()), "lo": float(np.percentile(boots, 2.5)), "hi": float(np.percentile(boots, 97.5))}
+
+
+def majority_baseline(rows):
+    """Accuracy of always giving the most frequent reference answer of each question type:
+    the 'chance level' a trained model must beat."""
+    out = {}
+    for t in data.QUESTION_TYPES:
+        answers = [reward.parse(r).answer for r, q in zip(rows["response"], rows["question_type"]) if q == t]
+        best = max(set(answers), key=answers.count) if answers else ""
+        out[t] = float(np.mean([reward.answer_correct(best, a, t) for a in answers])) if answers else 0.0
+    return out
+
+
+# ----------------------------------------------------------------------------- report
+def print_table(summaries, baseline):
+    short = {t: t.split("_")[0] for t in data.QUESTION_TYPES}
+    cols = METRICS + [f"acc_{short[t]}" for t in data.QUESTION_TYPES]
+    print(f"{'checkpoint':<28}" + "".join(f"{c:>15}" for c in cols))
+    for s in summaries:
+        vals = [s[m] for m in METRICS] + [s["accuracy_by_type"][t] for t in data.QUESTION_TYPES]
+        print(f"{s['checkpoint'][-28:]:<28}" + "".join(f"{v:>15.1f}" if c == "mean_length" else f"{v:>15.3f}"
+                                                        for c, v in zip(cols, vals)))
+    print(f"{'majority-answer baseline':<28}" + " " * 15 * len(METRICS) +
+          "".join(f"{baseline[t]:>15.3f}" for t in data.QUESTION_TYPES))
+
+
+def gallery(path, rows, names, all_texts, k=4, per_row=2):
+    """k samples per checkpoint, two to a row: the image with reference (green) and predicted
+    (red) boxes, then the question, the model's reasoning and answer, and the reference answer."""
+    scale, text_w = 3, 430
+    tile = rows["image"][0].height * scale
+    cell_w, cell_h = tile + text_w, tile + 6
+    n_rows = (k + per_row - 1) // per_row
+    sheet = Image.new("RGB", (cell_w * per_row, (n_rows * cell_h + 20) * len(names)), "white")
+    d = ImageDraw.Draw(sheet)
+    for c, (name, texts) in enumerate(zip(names, all_texts)):
+        top = c * (n_rows * cell_h + 20)
+        d.text((4, top + 4), f"checkpoint: {name}", fill="black")
+        for i in range(k):
+            ref, pred = reward.parse(rows["response"][i]), reward.parse(texts[i])
+            boxes = [b for _, b in ref.boxes] + [b for _, b in pred.boxes if reward.valid_box(b)]
+            colours = ["#30d030"] * len(ref.boxes) + ["#ff3030"] * (len(boxes) - len(ref.boxes))
+            x, y = (i % per_row) * cell_w, top + 20 + (i // per_row) * cell_h
+            sheet.paste(data.draw_boxes(rows["image"][i], boxes, colours, scale), (x, y))
+            lines = textwrap.wrap("Q: " + rows["question"][i], 68) + [""] + textwrap.wrap("model: " + texts[i], 68)
+            lines += ["", f"reference answer: {ref.answer}"]
+            d.multiline_text((x + tile + 8, y + 4), "\n".join(lines[:24]), fill="black")
+    sheet.save(path)
+    print(f"wrote {path}")
+
+
+# ----------------------------------------------------------------------------- main
+def main(cfg, checkpoints):
+    device, _ = M.pick_device(cfg.device)
+    rows = data.load_synthetic(cfg.split, n=cfg.n)[:]              # dict of lists, decoded once
+    print(f"device {device}; {cfg.split} split, {cfg.n} samples, greedy decoding")
+    records, texts = zip(*[run_checkpoint(c, rows, cfg, device) for c in checkpoints])
+    summaries = [summarise(c, r) for c, r in zip(checkpoints, records)]
+    print_table(summaries, majority_baseline(rows))
+    paired = []
+    for c, r in zip(checkpoints[1:], records[1:]):
+        diffs = {m: paired_bootstrap([x[m] for x in records[0]], [x[m] for x in r], cfg.bootstrap) for m in METRICS}
+        paired.append({"checkpoint": c, "baseline": checkpoints[0], "metrics": diffs})
+        print(f"\n{c} minus {checkpoints[0]} (95% paired bootstrap interval):")
+        for m, v in diffs.items():
+            verdict = "better" if v["lo"] > 0 else "worse" if v["hi"] < 0 else "no clear difference"
+            print(f"  {m:<16} {v['diff']:+8.3f}  [{v['lo']:+.3f}, {v['hi']:+.3f}]  {verdict}")
+    if cfg.json:
+        result = summaries[0] if len(summaries) == 1 else {"checkpoints": summaries, "paired": paired}
+        json.dump(result, open(cfg.json, "w"), indent=2)
+        print(f"wrote {cfg.json}")
+    if cfg.gallery:
+        gallery(cfg.gallery, rows, checkpoints, texts)
+    return summaries, paired
+
+
+if __name__ == "__main__":
+    cfg = M.parse_config(EvalConfig, __doc__, nargs={"checkpoint": "+"})
+    main(cfg, cfg.checkpoint if isinstance(cfg.checkpoint, list) else [cfg.checkpoint])

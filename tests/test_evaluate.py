@@ -1,0 +1,65 @@
+"""evaluate.py: the paired interval maths, the baseline, and the script end to end."""
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import data
+import evaluate
+
+
+def test_paired_bootstrap_hand_cases():
+    a = [0.0, 1.0, 0.0, 1.0] * 50
+    assert evaluate.paired_bootstrap(a, a, 500) == {"diff": 0.0, "lo": 0.0, "hi": 0.0}   # same model: exactly 0
+    b = [x + 1.0 for x in a]
+    assert evaluate.paired_bootstrap(a, b, 500) == {"diff": 1.0, "lo": 1.0, "hi": 1.0}   # constant gain: no spread
+    # 60 of 200 samples flip 0 -> 1 and 20 flip 1 -> 0: gain 0.2, standard error ~0.039
+    rng = np.random.default_rng(1)
+    a = np.zeros(200)
+    b = np.zeros(200)
+    b[:60], a[60:80] = 1, 1
+    perm = rng.permutation(200)
+    r = evaluate.paired_bootstrap(a[perm], b[perm], 4000)
+    assert r["diff"] == pytest.approx(0.2)
+    assert 0.11 < r["lo"] < 0.15 and 0.25 < r["hi"] < 0.29
+
+
+def test_majority_baseline():
+    rows = data.load_synthetic("validation", n=200)[:]
+    base = evaluate.majority_baseline(rows)
+    assert set(base) == set(data.QUESTION_TYPES)
+    assert 0.4 < base["closed_ended_questions"] < 0.65      # yes/no, balanced
+    assert 0.2 < base["single_choice_questions"] < 0.4      # four letters
+
+
+def test_evaluate_script_two_checkpoints(tmp_path):
+    import model as M
+    for name, seed in (("a", 0), ("b", 1)):
+        m, p = M.load("tiny", seed=seed)
+        M.save(m, p, str(tmp_path / name))
+    out = tmp_path / "r.json"
+    r = subprocess.run([sys.executable, "evaluate.py", "--checkpoint", str(tmp_path / "a"), str(tmp_path / "b"),
+                        "--split", "validation", "--n", "8", "--batch-size", "4", "--max-new-tokens", "8",
+                        "--bootstrap", "100", "--json", str(out), "--gallery", str(tmp_path / "g.png")],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    res = json.loads(out.read_text())
+    assert [c["checkpoint"] for c in res["checkpoints"]] == [str(tmp_path / "a"), str(tmp_path / "b")]
+    keys = {"checkpoint", "n", "format_rate", "accuracy", "accuracy_by_type", "mean_iou", "iou50_rate",
+            "grounding_rate", "mean_length"}
+    for c in res["checkpoints"]:
+        assert set(c) == keys and c["n"] == 8 and set(c["accuracy_by_type"]) == set(data.QUESTION_TYPES)
+        assert all(0 <= c[k] <= 1 for k in keys - {"checkpoint", "n", "accuracy_by_type", "mean_length"})
+        assert 0 < c["mean_length"] <= 8
+    (p,) = res["paired"]
+    assert set(p["metrics"]) == set(evaluate.METRICS)
+    assert all(v["lo"] <= v["diff"] <= v["hi"] for v in p["metrics"].values())
+    assert (tmp_path / "g.png").stat().st_size > 1000
+    # one checkpoint: a single flat object
+    r = subprocess.run([sys.executable, "evaluate.py", "--checkpoint", str(tmp_path / "a"), "--split", "validation",
+                        "--n", "4", "--max-new-tokens", "4", "--json", str(out), "--gallery", ""],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert set(json.loads(out.read_text())) == keys
