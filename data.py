@@ -122,7 +122,8 @@ def draw_radiograph(rng, frame, findings):
         v0, v1 = V[lung].min(), V[lung].max()                      # zones = thirds of lung height
         for i, name in enumerate(("upper", "mid", "lower")):
             zones[f"{side} {name} lung zone"] = lung & (V >= v0 + i * (v1 - v0) / 3) & (V <= v0 + (i + 1) * (v1 - v0) / 3)
-        j = np.argmax(np.where(lung, V + 0.6 * np.abs(U - cu), -9))  # the lateral-inferior corner
+        lateral = (cu - U) if side == "right" else (U - cu)            # > 0 towards this lung's outer wall
+        j = np.argmax(np.where(lung, V + 0.6 * lateral, -9))           # the lateral-inferior corner
         cu_cp = U.flat[j] + (0.03 if side == "right" else -0.03)
         cps[f"{side} costophrenic angle"] = body & (np.abs(U - cu_cp) < 0.075) & (np.abs(V - V.flat[j] + 0.02) < 0.075)
     masks = {**zones, **cps, "cardiac silhouette": heart,

@@ -83,6 +83,16 @@ def test_boxes_follow_the_anatomy_not_a_template(samples):
     assert (spread > 2).all(), spread
 
 
+def test_costophrenic_angles_are_lateral():
+    """The CP angle is the outer-lower corner of a lung, never the inner (cardiophrenic) one.
+    Radiological convention: the patient's right lung is on the image's left."""
+    for i in range(150):
+        _, b = data.draw_radiograph(np.random.default_rng([9, i]), 112, [])
+        centre = lambda box: (box[0] + box[2]) / 2  # noqa: E731
+        assert centre(b["right costophrenic angle"]) < centre(b["right lower lung zone"]), i
+        assert centre(b["left costophrenic angle"]) > centre(b["left lower lung zone"]), i
+
+
 def test_rescale_box_is_the_one_frame_conversion():
     assert data.rescale_box([60, 120, 104, 170], (224, 224), (112, 112)) == [30, 60, 52, 85]
     assert data.rescale_box([0, 0, 230, 224], (224, 224), (448, 448)) == [0, 0, 448, 448]   # clamped
