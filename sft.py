@@ -32,6 +32,7 @@ class SFTConfig:
     max_steps: int = 2400        # optimizer steps (the default run fits in 10 minutes on 2 CPU cores)
     batch_size: int = 16         # samples per step
     lr: float = 2e-3             # peak learning rate (tiny model from scratch; ~1e-5 for a pretrained 3B)
+    vision_lr_scale: float = 0.1 # the vision tower's lr is lr times this (at the full lr it forgets what it sees)
     warmup_steps: int = 100      # linear warm-up steps before cosine decay to 10% of lr
     weight_decay: float = 0.01   # AdamW decoupled weight decay
     grad_clip: float = 1.0       # clip the global gradient norm to this
@@ -63,6 +64,21 @@ def batch_order(lengths, batch_size, seed, group=16):
         chunk = sorted(perm[i: i + batch_size * group], key=lambda j: lengths[j])
         batches += [chunk[k: k + batch_size] for k in range(0, len(chunk) - batch_size + 1, batch_size)]
     return [batches[i] for i in torch.randperm(len(batches), generator=g).tolist()]
+
+
+def param_groups(model, cfg):
+    """{vision tower, language model} x {matrices: weight decay, vectors: none}, each with an
+    `lr_scale`. The vision tower learns 10x slower: at the full lr a from-scratch ViT's features
+    churn faster than the decoder learns to read them, and the decoder settles for answering from
+    the text alone (measured: closed questions at chance; on a cardiomegaly-only task, chance with
+    the full lr but 0.9 accuracy in 400 steps with the tower frozen or the lr 4x lower)."""
+    groups = {}
+    for name, p in model.named_parameters():
+        vision = ".visual." in f".{name}"
+        groups.setdefault((vision, p.dim() >= 2), {
+            "params": [], "lr_scale": cfg.vision_lr_scale if vision else 1.0,
+            "weight_decay": cfg.weight_decay if p.dim() >= 2 else 0.0})["params"].append(p)
+    return list(groups.values())
 
 
 def sft_batch(processor, rows, end_id, device):
@@ -99,10 +115,7 @@ def main(cfg):
     val = data.load_synthetic("validation")[: cfg.eval_n]
     print(f"{cfg.model}: {sum(p.numel() for p in model.parameters()):,} parameters; {len(train)} training samples")
 
-    decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
-    no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.95))
+    opt = torch.optim.AdamW(param_groups(model, cfg), lr=cfg.lr, betas=(0.9, 0.95))
     lengths = [len(q) + len(r) for q, r in zip(train["question"], train["response"])]  # characters: a proxy
     log = open(os.path.join(cfg.out, "metrics.jsonl"), "a")
     bar, t0, epoch, order = tqdm(range(cfg.max_steps), desc="sft"), time.time(), 0, []
@@ -115,7 +128,7 @@ def main(cfg):
 
         # ---- the algorithm: token-mean cross-entropy on response tokens only
         for g in opt.param_groups:
-            g["lr"] = lr_at(step, cfg)
+            g["lr"] = lr_at(step, cfg) * g["lr_scale"]
         with torch.autocast(device.type, dtype=amp, enabled=amp != torch.float32):
             logp = M.completion_logprobs(model, prompt, ids, mask)        # [B, T]
         loss = -(logp * mask).sum() / mask.sum()

@@ -29,6 +29,19 @@ def test_loss_mask_is_exactly_the_response_and_its_end_token():
     assert mask.sum() < ids.numel() or len(set(len(r) for r in rows["response"])) == 1
 
 
+def test_param_groups_cover_every_parameter_once_with_a_slower_vision_tower():
+    model, _ = M.load("tiny")
+    groups = sft.param_groups(model, sft.SFTConfig(vision_lr_scale=0.1, weight_decay=0.01))
+    seen = [id(p) for g in groups for p in g["params"]]
+    assert sorted(seen) == sorted(id(p) for p in model.parameters())          # all, and none twice
+    vision = {id(p) for p in model.model.visual.parameters()}
+    for g in groups:
+        is_vision = {id(p) in vision for p in g["params"]}
+        assert len(is_vision) == 1                                              # never mixed
+        assert g["lr_scale"] == (0.1 if is_vision.pop() else 1.0)
+        assert all((p.dim() >= 2) == (g["weight_decay"] > 0) for p in g["params"])
+
+
 def test_sft_then_evaluate_smoke(tmp_path):
     out = tmp_path / "sft"
     r = subprocess.run([sys.executable, "sft.py", "--max-steps", "4", "--batch-size", "4", "--eval-every", "2",
