@@ -148,7 +148,8 @@ def main(cfg, checkpoints):
         paired.append({"checkpoint": c, "baseline": checkpoints[0], "metrics": diffs})
         print(f"\n{c} minus {checkpoints[0]} (95% paired bootstrap interval):")
         for m, v in diffs.items():
-            verdict = "better" if v["lo"] > 0 else "worse" if v["hi"] < 0 else "no clear difference"
+            up, down = ("longer", "shorter") if m == "mean_length" else ("better", "worse")  # length has no good side
+            verdict = up if v["lo"] > 0 else down if v["hi"] < 0 else "no clear difference"
             print(f"  {m:<16} {v['diff']:+8.3f}  [{v['lo']:+.3f}, {v['hi']:+.3f}]  {verdict}")
     if cfg.json:
         result = summaries[0] if len(summaries) == 1 else {"checkpoints": summaries, "paired": paired}
