@@ -193,9 +193,10 @@ def sample_findings(rng, min_n=0):
     return out
 
 
-def describe(region, box, findings):
-    """One reasoning sentence that names a region with its box: the unit of a ThinkVG trace."""
-    kind = dict((r, k) for k, r in findings).get(region)
+def describe(region, box, at):
+    """One reasoning sentence that names a region with its box: the unit of a ThinkVG trace.
+    `at` maps each abnormal region to its finding."""
+    kind = at.get(region)
     if kind:
         return f"The {region} {format_box(box)} shows {FINDINGS[kind][1]}."
     clear = "has a normal outline" if region == "cardiac silhouette" else "is clear"
@@ -226,7 +227,7 @@ def make_sample(split, index, seed=0, frame=112):
         findings = [f for f in findings if f[0] != "cardiomegaly"] or [("nodule", LUNG_ZONES[rng.integers(6)])]
     pixels, boxes = draw_radiograph(rng, frame, findings)
     at = dict((r, k) for k, r in findings)
-    say = lambda r: describe(r, boxes[r], findings)  # noqa: E731
+    say = lambda r: describe(r, boxes[r], at)  # noqa: E731
 
     if qtype == "closed_ended_questions":
         if variant:                                   # a "yes": ask about a finding that is there

@@ -48,22 +48,31 @@ class EvalConfig:
 
 # ----------------------------------------------------------------------------- scoring
 @torch.no_grad()
-def run_checkpoint(path, rows, cfg, device):
-    """Greedy completions for every row -> per-sample records (dicts of floats) and texts."""
-    model, processor = M.load(path, device)
+def greedy_scores(model, processor, rows, batch_size=100, max_new_tokens=160):
+    """Greedy completions for every row (a dict of lists) -> per-row reward.score dicts, each with
+    the completion `length` in tokens added, and the texts. sft.py validates with this too."""
+    was_training = model.training
     model.eval()
-    records, texts = [], []
-    for i in range(0, len(rows["question"]), cfg.batch_size):
-        batch = {k: v[i: i + cfg.batch_size] for k, v in rows.items()}
+    scores, texts = [], []
+    for i in range(0, len(rows["question"]), batch_size):
+        batch = {k: v[i: i + batch_size] for k, v in rows.items()}
         out = M.sample(model, processor, batch["image"], batch["question"], greedy=True,
-                       max_new_tokens=cfg.max_new_tokens)
+                       max_new_tokens=max_new_tokens)
         for text, ref, qtype, length, image in zip(out["texts"], batch["response"], batch["question_type"],
                                                    out["completion_mask"].sum(1).tolist(), batch["image"]):
-            s = reward.score(text, ref, qtype, frame=image.size)
-            records.append({"format_rate": s["format"], "accuracy": s["answer"], "mean_iou": s["iou"],
-                            "iou50_rate": float(s["iou"] >= 0.5), "grounding_rate": s["grounding"],
-                            "mean_length": float(length), "question_type": qtype})
+            scores.append(dict(reward.score(text, ref, qtype, frame=image.size), length=float(length)))
             texts.append(text)
+    model.train(was_training)
+    return scores, texts
+
+
+def run_checkpoint(path, rows, cfg, device):
+    """Load a checkpoint and score it -> per-sample records keyed like METRICS, and texts."""
+    model, processor = M.load(path, device)
+    scores, texts = greedy_scores(model, processor, rows, cfg.batch_size, cfg.max_new_tokens)
+    records = [{"format_rate": s["format"], "accuracy": s["answer"], "mean_iou": s["iou"],
+                "iou50_rate": float(s["iou"] >= 0.5), "grounding_rate": s["grounding"],
+                "mean_length": s["length"], "question_type": q} for s, q in zip(scores, rows["question_type"])]
     return records, texts
 
 

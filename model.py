@@ -206,16 +206,16 @@ def sample(model, processor, images, questions, group_size=1, max_new_tokens=160
       texts            N decoded completions (think/answer tags kept, end token dropped)
       truncated        [N] bool, True where no end-of-turn token was produced
     """
-    device = next(model.parameters()).device
+    device, end = next(model.parameters()).device, end_ids(model)
     images = [im for im in images for _ in range(group_size)]
     questions = [q for q in questions for _ in range(group_size)]
     prompt = build_prompts(processor, images, questions).to(device)
     knobs = dict(do_sample=False) if greedy else dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=0)
     out = model.generate(**prompt, max_new_tokens=max_new_tokens, use_cache=True,
-                         pad_token_id=processor.tokenizer.pad_token_id, eos_token_id=end_ids(model), **knobs)
+                         pad_token_id=processor.tokenizer.pad_token_id, eos_token_id=end, **knobs)
     ids = out[:, prompt["input_ids"].shape[1]:]                               # [N, T]
-    mask = completion_mask(ids, end_ids(model))                               # [N, T]
-    ended = torch.isin(ids, torch.tensor(end_ids(model), device=device)).any(1)
+    mask = completion_mask(ids, end)                                          # [N, T]
+    ended = torch.isin(ids, torch.tensor(end, device=device)).any(1)
     texts = processor.tokenizer.batch_decode(
         [row[: int(m.sum())] for row, m in zip(ids, mask)], skip_special_tokens=True)
     return {"prompt": prompt, "completion_ids": ids, "completion_mask": mask, "texts": texts,

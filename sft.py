@@ -21,8 +21,8 @@ import torch
 from tqdm import tqdm
 
 import data
+import evaluate
 import model as M
-import reward
 
 # ----------------------------------------------------------------------------- config
 @dataclass
@@ -89,16 +89,11 @@ def sft_batch(processor, rows, end_id, device):
     return prompt, ids.to(device), mask.to(device)
 
 
-@torch.no_grad()
-def greedy_eval(model, processor, rows, max_new_tokens=160):
-    """Greedy answers on a few validation rows -> mean reward components (all in [0, 1])."""
-    model.eval()
-    out = M.sample(model, processor, rows["image"], rows["question"], greedy=True, max_new_tokens=max_new_tokens)
-    model.train()
-    frame = rows["image"][0].size
-    scores = [reward.score(t, r, q, frame=frame) for t, r, q in zip(out["texts"], rows["response"], rows["question_type"])]
-    means = {k: sum(s[k] for s in scores) / len(scores) for k in ("format", "answer", "iou", "grounding")}
-    return means, out["texts"][0]
+def greedy_eval(model, processor, rows):
+    """Greedy answers on a few validation rows, scored exactly as evaluate.py scores them ->
+    mean reward components (all in [0, 1]) and one example completion."""
+    scores, texts = evaluate.greedy_scores(model, processor, rows)
+    return {k: sum(s[k] for s in scores) / len(scores) for k in ("format", "answer", "iou", "grounding")}, texts[0]
 
 
 # ----------------------------------------------------------------------------- main
@@ -127,8 +122,9 @@ def main(cfg):
         prompt, ids, mask = sft_batch(processor, rows, end_id, device)
 
         # ---- the algorithm: token-mean cross-entropy on response tokens only
+        lr = lr_at(step, cfg)
         for g in opt.param_groups:
-            g["lr"] = lr_at(step, cfg) * g["lr_scale"]
+            g["lr"] = lr * g["lr_scale"]
         with torch.autocast(device.type, dtype=amp, enabled=amp != torch.float32):
             logp = M.completion_logprobs(model, prompt, ids, mask)        # [B, T]
         loss = -(logp * mask).sum() / mask.sum()
@@ -138,8 +134,8 @@ def main(cfg):
         opt.zero_grad(set_to_none=True)
 
         # ---- logging
-        bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{lr_at(step, cfg):.1e}")
-        rec = {"step": step + 1, "loss": loss.item(), "lr": lr_at(step, cfg), "grad_norm": grad_norm.item(),
+        bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{lr:.1e}")
+        rec = {"step": step + 1, "loss": loss.item(), "lr": lr, "grad_norm": grad_norm.item(),
                "elapsed_s": round(time.time() - t0, 1)}
         last = step + 1 == cfg.max_steps
         if (cfg.eval_every and (step + 1) % cfg.eval_every == 0) or last:
