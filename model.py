@@ -222,7 +222,7 @@ def sample(model, processor, images, questions, group_size=1, max_new_tokens=160
             "truncated": ~ended}
 
 
-def completion_logprobs(model, prompt, completion_ids, completion_mask):
+def completion_logprobs(model, prompt, completion_ids, completion_mask, entropy=False):
     """log pi(y_t | image, prompt, y_<t) for every completion token: [N, T].
 
     One forward over [prompt | completion]. Logits at position P-1+t predict completion token t,
@@ -230,6 +230,7 @@ def completion_logprobs(model, prompt, completion_ids, completion_mask):
     vocabulary). mm_token_type_ids is extended with zeros (text) over the completion so the 3-D
     rotary positions are computed exactly as during generation.
     Values past the end-of-turn token are meaningless: multiply by the mask before using them.
+    entropy=True also returns each position's policy entropy in nats, [N, T], without a graph.
     """
     T = completion_ids.shape[1]
     input_ids = torch.cat([prompt["input_ids"], completion_ids], 1)                          # [N, P+T]
@@ -239,10 +240,23 @@ def completion_logprobs(model, prompt, completion_ids, completion_mask):
                    pixel_values=prompt["pixel_values"], image_grid_thw=prompt["image_grid_thw"],
                    logits_to_keep=T + 1, use_cache=False).logits[:, :-1].float()            # [N, T, V]
     picked = logits.gather(-1, completion_ids.unsqueeze(-1)).squeeze(-1)                    # [N, T]
-    return picked - torch.logsumexp(logits, dim=-1)                                          # [N, T]
+    logp = picked - torch.logsumexp(logits, dim=-1)                                          # [N, T]
+    if not entropy:
+        return logp
+    with torch.no_grad():
+        dist = torch.log_softmax(logits, -1)                                                 # [N, T, V]
+        return logp, -(dist.exp() * dist).sum(-1)                                            # [N, T]
 
 
 # ----------------------------------------------------------------------------- plumbing
+def _flag_bool(text):
+    """argparse's bool("False") is True; accept the usual spellings instead."""
+    value = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}.get(text.lower())
+    if value is None:
+        raise ValueError(text)   # argparse turns this into "invalid _flag_bool value: 'text'"
+    return value
+
+
 def parse_config(cls, doc="", nargs=None):
     """Expose a config dataclass as command-line flags (max_steps -> --max-steps). Each flag's help
     is the one-line comment written after its field, so the dataclass stays the single source.
@@ -254,7 +268,8 @@ def parse_config(cls, doc="", nargs=None):
     comments = dict(re.findall(r"^\s+(\w+):[^=\n]+=[^#\n]+#\s*(.+)$", inspect.getsource(cls), re.M))
     ap = argparse.ArgumentParser(description=doc.strip().split("\n")[0])
     for f in dataclasses.fields(cls):
-        ap.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), default=f.default,
+        kind = _flag_bool if isinstance(f.default, bool) else type(f.default)
+        ap.add_argument("--" + f.name.replace("_", "-"), type=kind, default=f.default,
                         nargs=(nargs or {}).get(f.name),
                         help=f"{comments.get(f.name, '')} (default: {f.default})".replace("%", "%%"))
     return cls(**vars(ap.parse_args()))

@@ -1,0 +1,301 @@
+"""grpo.py -- Stage 2: Group Relative Policy Optimisation, from scratch, on ThinkVG.
+
+Start from the SFT model and let it practise: for each question sample a GROUP of G answers,
+score each with verifiable rewards (format, answer, grounding IoU: reward.py), and push up the
+log-probability of the answers that beat their own group's average. No value network, no
+judge: the group is the baseline (DeepSeekMath, arXiv 2402.03300, Sec. 4.1).
+
+    python grpo.py                                   # from runs/sft to runs/grpo, CPU: see README
+    python evaluate.py --checkpoint runs/sft runs/grpo
+
+One step, top to bottom in main():
+  1. rollout    B prompts x G completions, one batched KV-cached generate     (model.sample)
+  2. reward     r_i = sum_k w_k r_ik / sum_k w_k per completion                (reward.score)
+  3. advantage  A_i = (r_i - mean_group(r)) / (std_group(r) + eps)           (or Dr. GRPO / batch)
+  4. old logp   log pi_old(y_t) once, before any update                     (only needed if mu > 1)
+  5. update     mu passes, each one AdamW step over the whole rollout (micro-batched):
+                  rho_t = pi(y_t) / pi_old(y_t)
+                  l_t   = -min(rho_t A, clip(rho_t, 1 - eps_low, 1 + eps_high) A) + beta k3_t
+                  loss  = aggregate(l_t over unmasked tokens)      (per sequence / token / constant)
+
+Writes --out/metrics.jsonl (one line per step, every diagnostic), run_config.json, and the final
+model + processor with save_pretrained, loadable by evaluate.py.
+"""
+import json
+import os
+import random
+import time
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+import data
+import model as M
+import reward
+import sft
+
+# ----------------------------------------------------------------------------- config
+@dataclass
+class GRPOConfig:
+    init: str = "runs/sft"         # the SFT checkpoint to start from (and the frozen reference when beta > 0)
+    out: str = "runs/grpo"         # output directory for metrics, config and the final checkpoint
+    max_steps: int = 200           # GRPO steps (one rollout each)
+    prompts: int = 8               # B: prompts per step
+    group_size: int = 8            # G: completions sampled per prompt (>= 2: the group is the baseline)
+    temperature: float = 1.0       # sampling temperature of the rollouts
+    top_p: float = 1.0             # nucleus sampling of the rollouts (1.0 = off)
+    max_new_tokens: int = 160      # rollout length budget; longer completions are truncated
+    mu: int = 1                    # optimisation passes over each rollout (mu > 1 reuses it: the ratio matters)
+    micro_batch: int = 32          # sequences per forward/backward (does not change the result, only memory)
+    lr: float = 1e-4               # AdamW learning rate (constant after warm-up)
+    warmup_steps: int = 10         # linear learning-rate warm-up
+    weight_decay: float = 0.0      # AdamW decoupled weight decay
+    grad_clip: float = 1.0         # clip the global gradient norm to this
+    eps_low: float = 0.2           # clip rho below at 1 - eps_low
+    eps_high: float = 0.28         # clip rho above at 1 + eps_high (DAPO's clip-higher keeps exploring)
+    beta: float = 0.0              # k3 KL penalty weight against the frozen init (0: no reference model loaded)
+    adv_norm: str = "group"        # advantage scale: 'group' std (GRPO), 'batch' std, or 'none' (Dr. GRPO)
+    loss_agg: str = "token"        # 'seq' mean per sequence (GRPO), 'token' mean over batch (DAPO), 'constant' (Dr. GRPO)
+    drop_truncated: bool = False   # give completions that hit max_new_tokens no gradient
+    w_format: float = 0.25         # reward weight: well-formed <think>/<answer> with a box
+    w_answer: float = 1.0          # reward weight: exact answer check
+    w_grounding: float = 0.0       # reward weight: the paper's rule (box count equal and mean IoU > 0.75)
+    w_iou: float = 1.0             # reward weight: dense matched IoU
+    train_size: int = 8000         # training prompts (a prefix of the train split)
+    eval_every: int = 50           # greedy validation every this many steps (0: only at the end)
+    eval_n: int = 64               # validation samples per evaluation
+    show_every: int = 50           # print a few sampled completions every this many steps
+    seed: int = 0                  # seed for prompt order and sampling
+    device: str = "auto"           # 'auto' (CUDA if available), 'cpu' or 'cuda'
+
+
+def check(cfg):
+    """Flag values that cannot work, named, before anything is loaded."""
+    bad = [(cfg.group_size >= 2, "--group-size must be >= 2: a group of one has no baseline"),
+           (cfg.prompts >= 1 and cfg.max_steps >= 1 and cfg.mu >= 1 and cfg.micro_batch >= 1,
+            "--prompts, --max-steps, --mu and --micro-batch must be >= 1"),
+           (cfg.lr > 0, "--lr must be > 0"), (cfg.beta >= 0, "--beta must be >= 0"),
+           (0 <= cfg.eps_low < 1 and cfg.eps_high >= 0, "--eps-low must be in [0, 1) and --eps-high >= 0"),
+           (cfg.temperature > 0 and 0 < cfg.top_p <= 1, "--temperature must be > 0 and --top-p in (0, 1]"),
+           (cfg.adv_norm in ("group", "batch", "none"), "--adv-norm must be group, batch or none"),
+           (cfg.loss_agg in ("seq", "token", "constant"), "--loss-agg must be seq, token or constant"),
+           (min(cfg.w_format, cfg.w_answer, cfg.w_grounding, cfg.w_iou) >= 0 and
+            cfg.w_format + cfg.w_answer + cfg.w_grounding + cfg.w_iou > 0, "reward weights must be >= 0, not all 0")]
+    for ok, msg in bad:
+        if not ok:
+            raise SystemExit(f"grpo.py: {msg}")
+
+
+# ----------------------------------------------------------------------------- the algorithm
+def advantages(rewards, group_size, norm="group", eps=1e-4):
+    """Group-relative advantages. rewards [B*G] (group i in rows i*G..i*G+G-1) -> [B*G].
+
+    A_i = r_i - mean(group); then divide by the group's std (GRPO, eq. in Sec. 4.1.2), by the
+    whole batch's std (a batch-level scale: easy and hard prompts weigh the same per reward
+    point), or by nothing (Dr. GRPO, arXiv 2503.20783: std scaling over-weights near-unanimous
+    groups). A group whose G rewards are equal has A = 0: it teaches nothing.
+    """
+    r = rewards.view(-1, group_size)                                  # [B, G]
+    a = r - r.mean(1, keepdim=True)                                    # [B, G]
+    if norm == "group":
+        a = a / (r.std(1, keepdim=True) + eps)
+    elif norm == "batch":
+        a = a / (rewards.std() + eps)
+    return a.reshape(-1)                                               # [B*G]
+
+
+def policy_loss(logp, old_logp, adv, mask, cfg, norm, ref_logp=None):
+    """The clipped surrogate (PPO, arXiv 1707.06347 eq. 7) with GRPO's per-token advantage and
+    optional k3 KL (Schulman's unbiased, positive estimator of KL(pi || pi_ref)).
+
+    logp, old_logp, ref_logp, mask [n, T]; adv [n]. Returns (loss, stats) where loss is this
+    micro-batch's SHARE of the rollout's loss: `norm` is computed over the whole rollout
+    (total tokens, total sequences, ...), so summing micro-batch losses gives the same gradient
+    whatever the micro-batch size.
+    """
+    ratio = torch.exp(logp - old_logp)                                  # [n, T]  rho_t
+    a = adv.unsqueeze(1)                                                # [n, 1]  one A per sequence
+    surrogate = torch.min(ratio * a, torch.clamp(ratio, 1 - cfg.eps_low, 1 + cfg.eps_high) * a)
+    per_token = -surrogate                                              # [n, T]
+    if cfg.beta > 0:
+        d = ref_logp - logp
+        per_token = per_token + cfg.beta * (torch.exp(d) - d - 1)       # k3 >= 0, unbiased
+    if cfg.loss_agg == "seq":        # GRPO: each sequence's token mean, then a mean over sequences
+        loss = ((per_token * mask).sum(1) / mask.sum(1).clamp(min=1)).sum() / norm
+    else:                            # 'token': norm = tokens in the rollout; 'constant': G*B*max_new_tokens
+        loss = (per_token * mask).sum() / norm
+    with torch.no_grad():
+        n = mask.sum()
+        stats = {"clip_low": (((ratio < 1 - cfg.eps_low) & (a < 0)).float() * mask).sum() / n,
+                 "clip_high": (((ratio > 1 + cfg.eps_high) & (a > 0)).float() * mask).sum() / n,
+                 "kl_old": ((torch.exp(old_logp - logp) - (old_logp - logp) - 1) * mask).sum() / n}
+        if cfg.beta > 0:
+            stats["kl_ref"] = ((torch.exp(d) - d - 1) * mask).sum() / n
+    return loss, stats
+
+
+def loss_normaliser(mask, cfg):
+    """The denominator of the rollout's loss, shared by all its micro-batches (see policy_loss)."""
+    if cfg.loss_agg == "seq":
+        return float(mask.shape[0])
+    if cfg.loss_agg == "token":
+        return float(mask.sum())
+    return float(mask.shape[0] * cfg.max_new_tokens)
+
+
+def accumulate_gradients(policy, roll, adv, old, ref_logp, cfg, amp=torch.float32):
+    """One optimisation pass over the rollout: forward/backward each micro-batch, so that .grad
+    ends up holding the gradient of the WHOLE rollout's loss (whatever cfg.micro_batch is).
+    old / ref_logp [N, T] or None (None for old means mu = 1: pi_old is the current policy).
+    Returns (the rollout's loss, token-weighted means of the diagnostics)."""
+    mask, device = roll["completion_mask"], roll["completion_ids"].device
+    norm = loss_normaliser(mask, cfg)
+    total, sums, n_tok = 0.0, {}, 0.0
+    for s, prompt in micro_batches(roll, cfg.micro_batch):
+        with torch.autocast(device.type, dtype=amp, enabled=amp != torch.float32):
+            logp, ent = M.completion_logprobs(policy, prompt, roll["completion_ids"][s], mask[s],
+                                              entropy=True)                              # [n, T] each
+        # with mu = 1, pi_old IS the current policy: rho = 1, yet d rho = rho * d log pi, not 0
+        old_s = old[s] if old is not None else logp.detach()
+        loss, st = policy_loss(logp, old_s, adv[s], mask[s], cfg, norm,
+                               ref_logp[s] if ref_logp is not None else None)
+        loss.backward()
+        total += loss.item()
+        w = float(mask[s].sum())
+        st["entropy"] = (ent * mask[s]).sum() / max(w, 1.0)
+        for k, v in st.items():
+            sums[k] = sums.get(k, 0.0) + float(v) * w
+        n_tok += w
+    return total, {k: v / max(n_tok, 1.0) for k, v in sums.items()}
+
+
+# ----------------------------------------------------------------------------- plumbing
+def micro_batches(rollout, size):
+    """Slices of the rollout's rows, each with its own prompt tensors (pixel_values are per patch,
+    not per row, so they are cut by each row's patch count)."""
+    p, N = rollout["prompt"], rollout["completion_ids"].shape[0]
+    patches = p["image_grid_thw"].prod(-1)                             # [N] patches per row
+    starts = torch.cat([patches.new_zeros(1), patches.cumsum(0)])
+    for i in range(0, N, size):
+        j = min(i + size, N)
+        prompt = {k: v[i:j] for k, v in p.items() if k != "pixel_values"}
+        prompt["pixel_values"] = p["pixel_values"][starts[i]: starts[j]]
+        yield slice(i, j), prompt
+
+
+def logprobs(model, rollout, size, grad=False):
+    """Completion log-probs of the whole rollout, micro-batched, without a graph: [N, T]."""
+    with torch.set_grad_enabled(grad):
+        return torch.cat([M.completion_logprobs(model, prompt, rollout["completion_ids"][s],
+                                                rollout["completion_mask"][s])
+                          for s, prompt in micro_batches(rollout, size)])
+
+
+def show(texts, rewards, rows, G, k=2):
+    for i in range(k):
+        tqdm.write(f"  Q: {rows['question'][i]}\n  ref: {rows['response'][i]}")
+        for j in range(min(2, G)):
+            tqdm.write(f"  [{rewards[i * G + j]:.2f}] {texts[i * G + j][:220]}")
+
+
+# ----------------------------------------------------------------------------- main
+def main(cfg):
+    check(cfg)
+    device, amp = M.pick_device(cfg.device)
+    print(f"device {device}, autocast {amp}")
+    random.seed(cfg.seed)
+    torch.manual_seed(cfg.seed)
+    os.makedirs(cfg.out, exist_ok=True)
+    json.dump(asdict(cfg), open(os.path.join(cfg.out, "run_config.json"), "w"), indent=2)
+    policy, processor = M.load(cfg.init, device)
+    policy.train()
+    ref = None
+    if cfg.beta > 0:   # the reference is the frozen init; at beta = 0 it is never loaded (saves memory and time)
+        ref, _ = M.load(cfg.init, device, dtype=amp)
+        ref.eval().requires_grad_(False)
+    train = data.load_synthetic("train", n=cfg.train_size)
+    val = data.load_synthetic("validation")[: cfg.eval_n]
+    weights = {"format": cfg.w_format, "answer": cfg.w_answer, "grounding": cfg.w_grounding, "iou": cfg.w_iou}
+    opt = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, betas=(0.9, 0.99), weight_decay=cfg.weight_decay)
+    B, G = cfg.prompts, cfg.group_size
+    print(f"{cfg.init}: {sum(p.numel() for p in policy.parameters()):,} parameters; {B} prompts x {G} "
+          f"completions per step; reward weights {weights}")
+    log = open(os.path.join(cfg.out, "metrics.jsonl"), "a")
+    order, t_start = [], time.time()
+    bar = tqdm(range(cfg.max_steps), desc="grpo")
+    for step in bar:
+        t0 = time.time()
+        if len(order) < B:     # a fresh seeded permutation of the prompts each epoch
+            order += torch.randperm(len(train), generator=torch.Generator().manual_seed(cfg.seed + step)).tolist()
+        rows, order = train[order[:B]], order[B:]
+
+        # ---- 1. rollout: G samples per prompt from the current policy (= pi_old)
+        with torch.autocast(device.type, dtype=amp, enabled=amp != torch.float32):
+            roll = M.sample(policy, processor, rows["image"], rows["question"], G, cfg.max_new_tokens,
+                            cfg.temperature, cfg.top_p)
+        mask = roll["completion_mask"]                                            # [N, T], N = B*G
+        if cfg.drop_truncated:
+            mask = mask * (~roll["truncated"]).float().unsqueeze(1)
+        roll["completion_mask"] = mask
+        t1 = time.time()
+
+        # ---- 2. reward: each completion against its prompt's reference response
+        scores = [reward.score(text, rows["response"][i // G], rows["question_type"][i // G], weights,
+                               frame=rows["image"][i // G].size) for i, text in enumerate(roll["texts"])]
+        rewards = torch.tensor([s["total"] for s in scores], device=device)      # [N]
+
+        # ---- 3. advantage: relative to the group
+        adv = advantages(rewards, G, cfg.adv_norm)                               # [N]
+        t2 = time.time()
+
+        # ---- 4. log-probs of the rollout under pi_old (and pi_ref), before any update
+        with torch.autocast(device.type, dtype=amp, enabled=amp != torch.float32):
+            old = logprobs(policy, roll, cfg.micro_batch) if cfg.mu > 1 else None   # [N, T]
+            ref_logp = logprobs(ref, roll, cfg.micro_batch) if ref is not None else None
+        t3 = time.time()
+
+        # ---- 5. mu passes, one optimizer step each; micro-batches accumulate the whole rollout's gradient
+        lr = cfg.lr * min(1.0, (step + 1) / cfg.warmup_steps)
+        for g in opt.param_groups:
+            g["lr"] = lr
+        for _ in range(cfg.mu):
+            loss, stats = accumulate_gradients(policy, roll, adv, old, ref_logp, cfg, amp)
+            grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.grad_clip)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        t4 = time.time()
+
+        # ---- diagnostics (every step) and a periodic look at samples and held-out greedy scores
+        lengths = roll["completion_mask"].sum(1) if not cfg.drop_truncated else M.completion_mask(
+            roll["completion_ids"], M.end_ids(policy)).sum(1)
+        groups = rewards.view(B, G)
+        rec = {"step": step + 1, "loss": loss, "lr": lr,
+               **{f"reward_{k}": float(np.mean([s[k] for s in scores])) for k in ("format", "answer", "grounding", "iou")},
+               "reward": float(rewards.mean()), "reward_std": float(rewards.std()),
+               "zero_std_groups": float((groups.std(1) < 1e-6).float().mean()),
+               "length_mean": float(lengths.float().mean()), "length_max": int(lengths.max()),
+               "truncated": float(roll["truncated"].float().mean()),
+               **stats,
+               "grad_norm": float(grad_norm),
+               "time_generate": t1 - t0, "time_score": t2 - t1, "time_reference": t3 - t2, "time_train": t4 - t3,
+               "elapsed_s": round(time.time() - t_start, 1)}
+        bar.set_postfix(reward=f"{rec['reward']:.3f}", answer=f"{rec['reward_answer']:.2f}",
+                        iou=f"{rec['reward_iou']:.2f}", len=f"{rec['length_mean']:.0f}")
+        if cfg.show_every and (step + 1) % cfg.show_every == 0:
+            show(roll["texts"], rewards.tolist(), rows, G)
+        if (cfg.eval_every and (step + 1) % cfg.eval_every == 0) or step + 1 == cfg.max_steps:
+            means, example = sft.greedy_eval(policy, processor, val)
+            rec.update({f"val_{k}": v for k, v in means.items()})
+            tqdm.write(f"step {step + 1}: reward {rec['reward']:.3f} | val " +
+                       " ".join(f"{k} {v:.2f}" for k, v in means.items()))
+        log.write(json.dumps(rec) + "\n")
+        log.flush()
+
+    M.save(policy, processor, cfg.out)
+    print(f"saved {cfg.out} after {time.time() - t_start:.0f} s")
+
+
+if __name__ == "__main__":
+    main(M.parse_config(GRPOConfig, __doc__))

@@ -1,0 +1,166 @@
+"""grpo.py: the maths against hand-computed values, micro-batch invariance, and a smoke run."""
+import json
+import math
+import subprocess
+import sys
+from dataclasses import replace
+
+import pytest
+import torch
+
+import data
+import grpo
+import model as M
+
+CFG = grpo.GRPOConfig()
+
+
+# ----------------------------------------------------------------------------- advantages
+def test_group_advantages_by_hand():
+    r = torch.tensor([1.0, 0.0, 0.5, 0.5, 0.2, 0.4, 0.6, 0.8])          # two groups of 4
+    a = grpo.advantages(r, 4, "none")
+    assert torch.allclose(a, torch.tensor([0.5, -0.5, 0.0, 0.0, -0.3, -0.1, 0.1, 0.3]))
+    # group std (unbiased, as torch.std): group 1 -> sqrt(0.5 / 3), group 2 -> sqrt(0.2 / 3)
+    g = grpo.advantages(r, 4, "group", eps=0.0)
+    assert torch.allclose(g[:4], a[:4] / math.sqrt(0.5 / 3))
+    assert torch.allclose(g[4:], a[4:] / math.sqrt(0.2 / 3))
+    b = grpo.advantages(r, 4, "batch", eps=0.0)
+    assert torch.allclose(b, a / r.std())
+
+
+def test_a_group_of_equal_rewards_teaches_nothing():
+    r = torch.tensor([0.7, 0.7, 0.7, 1.0, 0.0, 0.0])
+    for norm in ("group", "batch", "none"):
+        a = grpo.advantages(r, 3, norm)
+        assert torch.all(a[:3] == 0) and a[3] > 0 > a[4]
+
+
+# ----------------------------------------------------------------------------- the clipped loss
+def _loss(logp, old, adv, mask, ref=None, **kw):
+    cfg = replace(CFG, **kw)
+    return grpo.policy_loss(logp, old, adv, mask, cfg, grpo.loss_normaliser(mask, cfg), ref)
+
+
+def test_loss_at_ratio_one_is_minus_mean_advantage_and_gradient_is_not_zero():
+    # mu = 1: rho == 1 everywhere. Group-normalised advantages sum to ~0, so the printed loss is
+    # ~0 -- but its gradient is -A * grad log pi, which is not.
+    logp = torch.tensor([[-1.0, -2.0], [-0.5, -0.3]], requires_grad=True)
+    mask, adv = torch.ones(2, 2), torch.tensor([1.0, -1.0])
+    loss, _ = _loss(logp, logp.detach(), adv, mask, loss_agg="token")
+    assert abs(loss.item()) < 1e-7
+    loss.backward()
+    assert torch.allclose(logp.grad, torch.tensor([[-0.25, -0.25], [0.25, 0.25]]))   # -A / 4 tokens
+
+
+def test_clipping_by_hand():
+    # ratios e^{0.5} = 1.65 (above 1 + 0.28) and e^{-0.5} = 0.61 (below 1 - 0.2)
+    logp = torch.tensor([[0.5, -0.5, 0.5, -0.5]], requires_grad=True)
+    old, mask = torch.zeros(1, 4), torch.ones(1, 4)
+    loss, st = _loss(logp, old, torch.tensor([2.0]), mask, loss_agg="token")
+    # A > 0: min(rho A, clip(rho) A) -> 1.28 A (clipped, no gradient) and 0.61 A (unclipped)
+    want = -(1.28 * 2 + math.exp(-0.5) * 2 + 1.28 * 2 + math.exp(-0.5) * 2) / 4
+    assert loss.item() == pytest.approx(want, rel=1e-6)
+    loss.backward()
+    assert logp.grad[0, 0] == 0 and logp.grad[0, 2] == 0                     # clipped: no gradient
+    assert logp.grad[0, 1].item() == pytest.approx(-2 * math.exp(-0.5) / 4)  # -A rho / n
+    assert st["clip_high"].item() == pytest.approx(0.5) and st["clip_low"].item() == 0
+    # A < 0: the low ratio is clipped (0.8 A), the high one is not (the pessimistic bound)
+    logp.grad = None
+    loss, st = _loss(logp, old, torch.tensor([-1.0]), mask, loss_agg="token")
+    loss.backward()
+    assert logp.grad[0, 1] == 0 and logp.grad[0, 0].item() == pytest.approx(math.exp(0.5) / 4)
+    assert st["clip_low"].item() == pytest.approx(0.5) and st["clip_high"].item() == 0
+
+
+def test_k3_kl_by_hand():
+    logp = torch.tensor([[math.log(0.5)]], requires_grad=True)
+    ref = torch.tensor([[math.log(0.25)]])                        # d = log(ref / pi) = -log 2
+    loss, st = _loss(logp, logp.detach(), torch.tensor([0.0]), torch.ones(1, 1), ref, beta=0.1, loss_agg="token")
+    k3 = 0.5 - math.log(0.5) - 1                                  # e^d - d - 1
+    assert st["kl_ref"].item() == pytest.approx(k3) and loss.item() == pytest.approx(0.1 * k3)
+    assert k3 > 0
+
+
+def test_loss_aggregations_by_hand():
+    # rho = 1, so each token's loss is exactly -A: sequence 1 has 1 token of loss 1,
+    # sequence 2 has 3 tokens of loss -0.5
+    logp = torch.zeros(2, 3)
+    mask = torch.tensor([[1.0, 0, 0], [1, 1, 1]])
+    adv = torch.tensor([-1.0, 0.5])                                # token losses: 1 and -0.5
+    seq, _ = _loss(logp, logp, adv, mask, loss_agg="seq")
+    tok, _ = _loss(logp, logp, adv, mask, loss_agg="token")
+    const, _ = _loss(logp, logp, adv, mask, loss_agg="constant", max_new_tokens=5)
+    assert seq.item() == pytest.approx((1 + -0.5) / 2)             # mean of per-sequence means
+    assert tok.item() == pytest.approx((1 - 1.5) / 4)              # every token counts once
+    assert const.item() == pytest.approx((1 - 1.5) / (2 * 5))      # G*B*max_new_tokens
+
+
+# ----------------------------------------------------------------------------- micro-batching
+def _rollout(n_prompts=2, G=3):
+    torch.manual_seed(0)
+    policy, processor = M.load("tiny")
+    rows = [data.make_sample("train", i) for i in range(n_prompts)]
+    roll = M.sample(policy, processor, [r["image"] for r in rows], [r["question"] for r in rows], G,
+                    max_new_tokens=10)
+    return policy, roll
+
+
+@pytest.mark.parametrize("agg", ["seq", "token", "constant"])
+def test_micro_batched_update_equals_unbatched(agg):
+    policy, roll = _rollout()
+    N = roll["completion_ids"].shape[0]
+    adv = torch.linspace(-1, 1, N)
+    old = grpo.logprobs(policy, roll, N) + 0.05 * torch.randn(N, roll["completion_ids"].shape[1])  # rho != 1
+    grads = []
+    for size in (N, 2, 1):
+        policy.zero_grad()
+        loss, _ = grpo.accumulate_gradients(policy, roll, adv, old, None, replace(CFG, micro_batch=size, loss_agg=agg))
+        grads.append(torch.cat([p.grad.flatten() for p in policy.parameters() if p.grad is not None]))
+    assert grads[0].abs().sum() > 0
+    for g in grads[1:]:
+        assert torch.allclose(g, grads[0], rtol=1e-4, atol=1e-6)
+
+
+def test_micro_batches_cut_pixel_values_by_row():
+    _, roll = _rollout()
+    parts = list(grpo.micro_batches(roll, 4))
+    assert [s.stop - s.start for s, _ in parts] == [4, 2]
+    assert torch.equal(torch.cat([p["pixel_values"] for _, p in parts]), roll["prompt"]["pixel_values"])
+    for s, p in parts:
+        assert p["pixel_values"].shape[0] == int(p["image_grid_thw"].prod(-1).sum())
+
+
+# ----------------------------------------------------------------------------- the script
+def test_bad_flags_are_named():
+    for flags, word in (({"group_size": 1}, "--group-size"), ({"lr": -1.0}, "--lr"), ({"eps_low": 1.5}, "--eps-low"),
+                        ({"loss_agg": "sum"}, "--loss-agg"), ({"w_answer": -1.0}, "weights"), ({"top_p": 0.0}, "--top-p")):
+        with pytest.raises(SystemExit, match=word):
+            grpo.check(replace(CFG, **flags))
+    grpo.check(CFG)                                               # the defaults are fine
+    # and from the command line: one line, non-zero exit, no traceback
+    r = subprocess.run([sys.executable, "grpo.py", "--group-size", "1"], capture_output=True, text=True)
+    assert r.returncode != 0 and "--group-size" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_grpo_smoke_then_evaluate(tmp_path):
+    init = tmp_path / "init"
+    M.save(*M.load("tiny"), str(init))
+    out = tmp_path / "grpo"
+    r = subprocess.run([sys.executable, "grpo.py", "--init", str(init), "--out", str(out), "--max-steps", "2",
+                        "--prompts", "2", "--group-size", "2", "--max-new-tokens", "12", "--mu", "2",
+                        "--beta", "0.04", "--micro-batch", "3", "--eval-every", "0", "--eval-n", "2",
+                        "--train-size", "16"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [x["step"] for x in lines] == [1, 2]
+    for key in ("reward_format", "reward_answer", "reward_grounding", "reward_iou", "reward_std", "zero_std_groups",
+                "length_mean", "length_max", "truncated", "kl_ref", "kl_old", "clip_low", "clip_high", "entropy",
+                "grad_norm", "lr", "time_generate", "time_score", "time_reference", "time_train"):
+        assert key in lines[-1], key
+    assert "val_answer" in lines[-1]
+    assert all(math.isfinite(v) for x in lines for v in x.values())
+    model, _ = M.load(str(out))                                   # saved with save_pretrained
+    before, _ = M.load(str(init))
+    changed = any(not torch.equal(a, b) for a, b in zip(model.parameters(), before.parameters()))
+    # a random-init model usually earns equal rewards in every group: then nothing may change
+    assert changed == any(x["zero_std_groups"] < 1 for x in lines)
