@@ -69,6 +69,10 @@ class GRPOConfig:
     show_every: int = 50           # print a few sampled completions every this many steps
     seed: int = 0                  # seed for prompt order and sampling
     device: str = "auto"           # 'auto' (CUDA if available), 'cpu' or 'cuda'
+    save_every: int = 50           # write a resumable checkpoint to OUT/checkpoints every this many steps (0: never)
+    keep: int = 2                  # how many periodic checkpoints to keep
+    resume: bool = False           # continue from the newest checkpoint in --out (same flags otherwise)
+    max_bad_steps: int = 3         # stop after this many non-finite losses/gradients in a row (each update is skipped)
 
 
 def check(cfg):
@@ -82,7 +86,15 @@ def check(cfg):
            (cfg.adv_norm in ("group", "batch", "none"), "--adv-norm must be group, batch or none"),
            (cfg.loss_agg in ("seq", "token", "constant"), "--loss-agg must be seq, token or constant"),
            (min(cfg.w_format, cfg.w_answer, cfg.w_grounding, cfg.w_iou) >= 0 and
-            cfg.w_format + cfg.w_answer + cfg.w_grounding + cfg.w_iou > 0, "reward weights must be >= 0, not all 0")]
+            cfg.w_format + cfg.w_answer + cfg.w_grounding + cfg.w_iou > 0, "reward weights must be >= 0, not all 0"),
+           (cfg.max_new_tokens >= 1 and cfg.warmup_steps >= 1 and cfg.grad_clip > 0,
+            "--max-new-tokens and --warmup-steps must be >= 1, --grad-clip > 0"),
+           (cfg.prompts <= cfg.train_size <= data.DataConfig.n_train,
+            f"--train-size must be in --prompts..{data.DataConfig.n_train}"),
+           (cfg.eval_every >= 0 and 1 <= cfg.eval_n <= data.DataConfig.n_val,
+            f"--eval-every must be >= 0 and --eval-n in 1..{data.DataConfig.n_val}"),
+           (cfg.save_every >= 0 and cfg.keep >= 1 and cfg.max_bad_steps >= 1,
+            "--save-every must be >= 0, --keep and --max-bad-steps >= 1")]
     for ok, msg in bad:
         if not ok:
             raise SystemExit(f"grpo.py: {msg}")
@@ -207,9 +219,9 @@ def main(cfg):
     print(f"device {device}, autocast {amp}")
     random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
-    os.makedirs(cfg.out, exist_ok=True)
+    ckpt, state = M.open_run(cfg.out, cfg.resume)
     json.dump(asdict(cfg), open(os.path.join(cfg.out, "run_config.json"), "w"), indent=2)
-    policy, processor = M.load(cfg.init, device)
+    policy, processor = M.load(ckpt or cfg.init, device)
     policy.train()
     ref = None
     if cfg.beta > 0:   # the reference is the frozen init; at beta = 0 it is never loaded (saves memory and time)
@@ -222,9 +234,14 @@ def main(cfg):
     B, G = cfg.prompts, cfg.group_size
     print(f"{cfg.init}: {sum(p.numel() for p in policy.parameters()):,} parameters; {B} prompts x {G} "
           f"completions per step; reward weights {weights}")
+    start, order, bad = 0, [], 0
+    if state:   # everything the next step depends on: weights (loaded above), optimizer, prompt order, RNG
+        opt.load_state_dict(state["optimizer"])
+        start, order = state["step"], state["order"]
+        M.set_rng_state(state["rng"])
     log = open(os.path.join(cfg.out, "metrics.jsonl"), "a")
-    order, t_start = [], time.time()
-    bar = tqdm(range(cfg.max_steps), desc="grpo")
+    stop, t_start = M.StopOnCtrlC(), time.time()
+    bar = tqdm(range(start, cfg.max_steps), desc="grpo", initial=start, total=cfg.max_steps)
     for step in bar:
         t0 = time.time()
         if len(order) < B:     # a fresh seeded permutation of the prompts each epoch
@@ -263,15 +280,18 @@ def main(cfg):
         for _ in range(cfg.mu):
             loss, stats = accumulate_gradients(policy, roll, adv, old, ref_logp, cfg, amp)
             grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.grad_clip)
-            opt.step()
+            finite = bool(np.isfinite(loss) and torch.isfinite(grad_norm))
+            if finite:                   # a NaN/inf update would poison every weight: skip it
+                opt.step()
             opt.zero_grad(set_to_none=True)
+            bad = 0 if finite else bad + 1
         t4 = time.time()
 
         # ---- diagnostics (every step) and a periodic look at samples and held-out greedy scores
         lengths = roll["completion_mask"].sum(1) if not cfg.drop_truncated else M.completion_mask(
             roll["completion_ids"], M.end_ids(policy)).sum(1)
         groups = rewards.view(B, G)
-        rec = {"step": step + 1, "loss": loss, "lr": lr,
+        rec = {"step": step + 1, "loss": loss, "lr": lr, "skipped": int(not finite),
                **{f"reward_{k}": float(np.mean([s[k] for s in scores])) for k in ("format", "answer", "grounding", "iou")},
                "reward": float(rewards.mean()), "reward_std": float(rewards.std()),
                "zero_std_groups": float((groups.std(1) < 1e-6).float().mean()),
@@ -292,8 +312,19 @@ def main(cfg):
                        " ".join(f"{k} {v:.2f}" for k, v in means.items()))
         log.write(json.dumps(rec) + "\n")
         log.flush()
+        if bad >= cfg.max_bad_steps:
+            raise SystemExit(f"grpo.py: {bad} non-finite losses or gradients in a row (step {step + 1}); no update "
+                             f"was applied for them. Lower --lr, or resume from the last checkpoint with --resume.")
 
-    M.save(policy, processor, cfg.out)
+        # ---- checkpoints: periodic, and on Ctrl-C
+        if (cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < cfg.max_steps) or stop.requested:
+            M.save_checkpoint(cfg.out, step + 1, policy, processor, keep=cfg.keep, state={
+                "optimizer": opt.state_dict(), "order": order, "rng": M.rng_state()})
+        if stop.requested:
+            print(f"stopped at step {step + 1}; continue with the same command plus --resume")
+            return
+
+    M.save(policy, processor, cfg.out, into=True)
     print(f"saved {cfg.out} after {time.time() - t_start:.0f} s")
 
 

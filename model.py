@@ -22,6 +22,9 @@ Known traps in transformers 5.x, handled once, here:
 import functools
 import json
 import os
+import random
+import re
+import shutil
 
 import torch
 from transformers import (AutoConfig, GenerationConfig, PreTrainedTokenizerFast, Qwen2_5_VLConfig,
@@ -114,33 +117,159 @@ def build_tiny(seed=0):
 
 def load(name_or_path="tiny", device="cpu", dtype=torch.float32, seed=0):
     """`tiny` builds the offline model; anything else is a Hub id or a directory holding a
-    Qwen2.5-VL or Qwen2-VL checkpoint (including ones this project saved). No remote code."""
+    Qwen2.5-VL or Qwen2-VL checkpoint (including ones this project saved). No remote code.
+    A path that is not such a checkpoint exits with one line naming it, not a library traceback."""
     if name_or_path == "tiny":
         model, processor = build_tiny(seed)
-    else:
+        return model.to(device=device, dtype=dtype), processor
+    looks_local = os.path.sep in name_or_path or name_or_path.startswith(".") or os.path.exists(name_or_path)
+    if looks_local and not os.path.isfile(os.path.join(name_or_path, "config.json")):
+        why = "does not exist" if not os.path.exists(name_or_path) else "has no config.json: not a model checkpoint"
+        raise SystemExit(f"checkpoint {name_or_path}: {why}")
+    try:
         kind = AutoConfig.from_pretrained(name_or_path).model_type
-        cls = {"qwen2_5_vl": Qwen2_5_VLForConditionalGeneration, "qwen2_vl": Qwen2VLForConditionalGeneration}.get(kind)
-        assert cls is not None, f"{name_or_path}: model_type {kind!r} is not qwen2_5_vl or qwen2_vl"
+    except (OSError, ValueError) as e:   # offline Hub id, unreadable or foreign config.json
+        raise SystemExit(f"checkpoint {name_or_path}: cannot read its config ({str(e).splitlines()[0][:160]})")
+    cls = {"qwen2_5_vl": Qwen2_5_VLForConditionalGeneration, "qwen2_vl": Qwen2VLForConditionalGeneration}.get(kind)
+    if cls is None:
+        raise SystemExit(f"checkpoint {name_or_path}: model_type {kind!r} is not qwen2_5_vl or qwen2_vl")
+    try:
         model = cls.from_pretrained(name_or_path, dtype=dtype)
         processor = ImageOnlyProcessor.from_pretrained(name_or_path)
-        processor.tokenizer.padding_side = "left"
+    except (OSError, ValueError, RuntimeError) as e:   # missing/truncated weights, tokenizer files, ...
+        raise SystemExit(f"checkpoint {name_or_path}: cannot load ({str(e).splitlines()[0][:160]})")
+    processor.tokenizer.padding_side = "left"
     assert processor.tokenizer.pad_token_id is not None, f"{name_or_path}: tokenizer has no pad token"
     return model.to(device=device, dtype=dtype), processor
 
 
-def save(model, processor, out):
-    """save_pretrained for model and processor, then name the processor class that plain
-    transformers knows (Qwen2_5_VLProcessor, with a video-processor entry), so that
+def save(model, processor, out, state=None, into=False):
+    """save_pretrained for model and processor (weights in safetensors), ATOMICALLY: everything
+    is written to a temporary sibling directory on the same filesystem, then renamed into place,
+    so a kill or a full disk mid-save leaves whatever was at `out` before intact and loadable.
+    `state` (optimizer, step, data position, RNG states: tensors and plain Python only) goes to
+    trainer_state.pt, read back with torch.load(weights_only=True). into=True writes into an
+    existing run directory (metrics.jsonl stays), replacing each file atomically.
+    The processor class is renamed to plain Qwen2_5_VLProcessor (with a video-processor entry), so
     AutoProcessor.from_pretrained(out) works wherever torchvision is installed."""
-    model.save_pretrained(out)
-    processor.save_pretrained(out)
-    for name in ("processor_config.json", "tokenizer_config.json"):
-        path = os.path.join(out, name)
-        cfg = json.load(open(path))
-        cfg["processor_class"] = "Qwen2_5_VLProcessor"
-        if name == "processor_config.json":
-            cfg.setdefault("video_processor", dict(cfg["image_processor"], video_processor_type="Qwen2VLVideoProcessor"))
-        json.dump(cfg, open(path, "w"), indent=2)
+    out = os.path.normpath(out)
+    tmp = f"{out}.tmp-{os.getpid()}"
+    try:
+        shutil.rmtree(tmp, ignore_errors=True)
+        model.save_pretrained(tmp)
+        processor.save_pretrained(tmp)
+        for name in ("processor_config.json", "tokenizer_config.json"):
+            path = os.path.join(tmp, name)
+            cfg = json.load(open(path))
+            cfg["processor_class"] = "Qwen2_5_VLProcessor"
+            if name == "processor_config.json":
+                cfg.setdefault("video_processor", dict(cfg["image_processor"], video_processor_type="Qwen2VLVideoProcessor"))
+            json.dump(cfg, open(path, "w"), indent=2)
+        if state is not None:
+            torch.save(state, os.path.join(tmp, "trainer_state.pt"))
+        _before_rename(tmp)
+        if into:                         # a run directory with logs in it: replace file by file
+            os.makedirs(out, exist_ok=True)
+            for name in os.listdir(tmp):
+                os.replace(os.path.join(tmp, name), os.path.join(out, name))
+            os.rmdir(tmp)
+        else:                            # swap: old -> .old, tmp -> out (both renames are atomic)
+            if os.path.isdir(out):
+                os.rename(out, out + ".old")
+            os.rename(tmp, out)
+            shutil.rmtree(out + ".old", ignore_errors=True)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not os.path.isdir(out) and os.path.isdir(out + ".old"):
+            os.rename(out + ".old", out)
+        raise SystemExit(f"cannot save to {out}: {e.strerror or e} (the previous checkpoint, if any, is intact)")
+
+
+def _before_rename(tmp):
+    """A seam for the test that kills a save between writing and renaming."""
+
+
+def save_checkpoint(out, step, model, processor, state, keep=2):
+    """OUT/checkpoints/step_000123, written atomically; only the `keep` newest are kept."""
+    root = os.path.join(out, "checkpoints")
+    os.makedirs(root, exist_ok=True)
+    save(model, processor, os.path.join(root, f"step_{step:06d}"), dict(state, step=step))
+    for old in list_checkpoints(out)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def list_checkpoints(out):
+    """Complete checkpoints under OUT/checkpoints, oldest first (half-written .tmp-* never match)."""
+    root = os.path.join(out, "checkpoints")
+    names = sorted(n for n in os.listdir(root) if re.fullmatch(r"step_\d{6}", n)) if os.path.isdir(root) else []
+    return [os.path.join(root, n) for n in names]
+
+
+def load_state(path):
+    """trainer_state.pt of a checkpoint directory: plain data only, never arbitrary pickles."""
+    return torch.load(os.path.join(path, "trainer_state.pt"), weights_only=True)
+
+
+def rng_state():
+    return {"torch": torch.get_rng_state(), "python": random.getstate(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+def set_rng_state(s):
+    torch.set_rng_state(s["torch"])
+    random.setstate(s["python"])
+    if s["cuda"]:
+        torch.cuda.set_rng_state_all(s["cuda"])
+
+
+def open_run(out, resume):
+    """Make sure OUT is a writable run directory and say where training starts.
+
+    Fresh run: the previous run's metrics.jsonl and periodic checkpoints in OUT are removed (OUT
+    is this run's directory). resume=True: the newest complete checkpoint is found and its
+    state loaded, and log lines of steps after it are dropped, since those steps are redone.
+    Returns (checkpoint dir or None, its state or None)."""
+    try:
+        os.makedirs(out, exist_ok=True)
+        probe = os.path.join(out, f".write-test-{os.getpid()}")
+        open(probe, "w").close()
+        os.remove(probe)
+    except OSError as e:
+        raise SystemExit(f"--out {out}: not writable ({e.strerror or e})")
+    metrics = os.path.join(out, "metrics.jsonl")
+    if not resume:
+        if os.path.exists(metrics) or list_checkpoints(out):
+            print(f"{out}: starting afresh (previous metrics and checkpoints removed; --resume continues instead)")
+        shutil.rmtree(os.path.join(out, "checkpoints"), ignore_errors=True)
+        open(metrics, "w").close()
+        return None, None
+    found = list_checkpoints(out)
+    if not found:
+        raise SystemExit(f"--resume: no checkpoint in {os.path.join(out, 'checkpoints')} (runs save one every --save-every steps)")
+    state = load_state(found[-1])
+    lines = open(metrics).readlines() if os.path.exists(metrics) else []
+    kept = [x for x in lines if x.strip() and json.loads(x)["step"] <= state["step"]]
+    with open(metrics + ".tmp", "w") as f:
+        f.writelines(kept)
+    os.replace(metrics + ".tmp", metrics)
+    print(f"resuming from {found[-1]} (step {state['step']})")
+    return found[-1], state
+
+
+class StopOnCtrlC:
+    """The first Ctrl-C asks the training loop to stop after the current step (it then saves a
+    checkpoint and exits cleanly); a second one interrupts at once."""
+
+    def __init__(self):
+        import signal
+        self.requested = False
+        signal.signal(signal.SIGINT, self._handle)
+
+    def _handle(self, *_):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        print("\nCtrl-C: finishing this step, then saving a checkpoint (Ctrl-C again to abort now)", flush=True)
 
 
 # ----------------------------------------------------------------------------- prompts and completions

@@ -41,6 +41,26 @@ class SFTConfig:
     eval_n: int = 64             # validation samples per evaluation
     seed: int = 0                # seed for init, data order and sampling
     device: str = "auto"         # 'auto' (CUDA if available), 'cpu' or 'cuda'
+    save_every: int = 500        # write a resumable checkpoint to OUT/checkpoints every this many steps (0: never)
+    keep: int = 2                # how many periodic checkpoints to keep
+    resume: bool = False         # continue from the newest checkpoint in --out (same flags otherwise)
+    max_bad_steps: int = 3       # stop after this many non-finite losses/gradients in a row (each update is skipped)
+
+
+def check(cfg):
+    """Flag values that cannot work, named, before anything is loaded."""
+    for ok, msg in ((cfg.max_steps >= 1 and cfg.batch_size >= 1, "--max-steps and --batch-size must be >= 1"),
+                    (cfg.lr > 0 and cfg.vision_lr_scale >= 0, "--lr must be > 0 and --vision-lr-scale >= 0"),
+                    (cfg.warmup_steps >= 0 and cfg.weight_decay >= 0 and cfg.grad_clip > 0,
+                     "--warmup-steps and --weight-decay must be >= 0, --grad-clip > 0"),
+                    (1 <= cfg.train_size <= data.DataConfig.n_train, f"--train-size must be in 1..{data.DataConfig.n_train}"),
+                    (cfg.batch_size <= cfg.train_size, "--batch-size must not exceed --train-size"),
+                    (cfg.eval_every >= 0 and 1 <= cfg.eval_n <= data.DataConfig.n_val,
+                     f"--eval-every must be >= 0 and --eval-n in 1..{data.DataConfig.n_val}"),
+                    (cfg.save_every >= 0 and cfg.keep >= 1 and cfg.max_bad_steps >= 1,
+                     "--save-every must be >= 0, --keep and --max-bad-steps >= 1")):
+        if not ok:
+            raise SystemExit(f"sft.py: {msg}")
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -98,12 +118,13 @@ def greedy_eval(model, processor, rows):
 
 # ----------------------------------------------------------------------------- main
 def main(cfg):
+    check(cfg)
     device, amp = M.pick_device(cfg.device)
     print(f"device {device}, autocast {amp}")
     torch.manual_seed(cfg.seed)
-    os.makedirs(cfg.out, exist_ok=True)
+    ckpt, state = M.open_run(cfg.out, cfg.resume)
     json.dump(asdict(cfg), open(os.path.join(cfg.out, "run_config.json"), "w"), indent=2)
-    model, processor = M.load(cfg.model, device, seed=cfg.seed)
+    model, processor = M.load(ckpt or cfg.model, device, seed=cfg.seed)
     model.train()
     end_id = M.end_ids(model)[0]
     train = data.load_synthetic("train", n=cfg.train_size)
@@ -112,8 +133,14 @@ def main(cfg):
 
     opt = torch.optim.AdamW(param_groups(model, cfg), lr=cfg.lr, betas=(0.9, 0.95))
     lengths = [len(q) + len(r) for q, r in zip(train["question"], train["response"])]  # characters: a proxy
+    start, epoch, order, bad = 0, 0, [], 0
+    if state:   # everything the next step depends on: weights (loaded above), optimizer, data position, RNG
+        opt.load_state_dict(state["optimizer"])
+        start, epoch, order = state["step"], state["epoch"], state["order"]
+        M.set_rng_state(state["rng"])
     log = open(os.path.join(cfg.out, "metrics.jsonl"), "a")
-    bar, t0, epoch, order = tqdm(range(cfg.max_steps), desc="sft"), time.time(), 0, []
+    stop = M.StopOnCtrlC()
+    bar, t0 = tqdm(range(start, cfg.max_steps), desc="sft", initial=start, total=cfg.max_steps), time.time()
     for step in bar:
         # ---- data: length-grouped batches from a seeded shuffle, a new one each epoch
         if not order:
@@ -130,13 +157,16 @@ def main(cfg):
         loss = -(logp * mask).sum() / mask.sum()
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        opt.step()
+        finite = bool(torch.isfinite(loss) and torch.isfinite(grad_norm))
+        if finite:                       # a NaN/inf update would poison every weight: skip it
+            opt.step()
         opt.zero_grad(set_to_none=True)
+        bad = 0 if finite else bad + 1
 
         # ---- logging
         bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{lr:.1e}")
         rec = {"step": step + 1, "loss": loss.item(), "lr": lr, "grad_norm": grad_norm.item(),
-               "elapsed_s": round(time.time() - t0, 1)}
+               "skipped": int(not finite), "elapsed_s": round(time.time() - t0, 1)}
         last = step + 1 == cfg.max_steps
         if (cfg.eval_every and (step + 1) % cfg.eval_every == 0) or last:
             means, example = greedy_eval(model, processor, val)
@@ -145,8 +175,19 @@ def main(cfg):
                        " ".join(f"{k} {v:.2f}" for k, v in means.items()) + f"\n  e.g. {example[:160]}")
         log.write(json.dumps(rec) + "\n")
         log.flush()
+        if bad >= cfg.max_bad_steps:
+            raise SystemExit(f"sft.py: {bad} non-finite losses or gradients in a row (step {step + 1}); no update "
+                             f"was applied for them. Lower --lr, or resume from the last checkpoint with --resume.")
 
-    M.save(model, processor, cfg.out)
+        # ---- checkpoints: periodic, and on Ctrl-C
+        if (cfg.save_every and (step + 1) % cfg.save_every == 0 and not last) or stop.requested:
+            M.save_checkpoint(cfg.out, step + 1, model, processor, keep=cfg.keep, state={
+                "optimizer": opt.state_dict(), "epoch": epoch, "order": order, "rng": M.rng_state()})
+        if stop.requested:
+            print(f"stopped at step {step + 1}; continue with the same command plus --resume")
+            return
+
+    M.save(model, processor, cfg.out, into=True)
     print(f"saved {cfg.out} after {time.time() - t0:.0f} s")
 
 
