@@ -197,10 +197,10 @@ def micro_batches(rollout, size):
         yield slice(i, j), prompt
 
 
-def logprobs(model, rollout, size, grad=False):
+@torch.no_grad()
+def logprobs(model, rollout, size):
     """Completion log-probs of the whole rollout, micro-batched, without a graph: [N, T]."""
-    with torch.set_grad_enabled(grad):
-        return torch.cat([M.completion_logprobs(model, prompt, rollout["completion_ids"][s],
+    return torch.cat([M.completion_logprobs(model, prompt, rollout["completion_ids"][s],
                                                 rollout["completion_mask"][s])
                           for s, prompt in micro_batches(rollout, size)])
 
@@ -253,6 +253,7 @@ def main(cfg):
             roll = M.sample(policy, processor, rows["image"], rows["question"], G, cfg.max_new_tokens,
                             cfg.temperature, cfg.top_p)
         mask = roll["completion_mask"]                                            # [N, T], N = B*G
+        lengths = mask.sum(1)                                                     # [N], before any dropping
         if cfg.drop_truncated:
             mask = mask * (~roll["truncated"]).float().unsqueeze(1)
         roll["completion_mask"] = mask
@@ -288,8 +289,6 @@ def main(cfg):
         t4 = time.time()
 
         # ---- diagnostics (every step) and a periodic look at samples and held-out greedy scores
-        lengths = roll["completion_mask"].sum(1) if not cfg.drop_truncated else M.completion_mask(
-            roll["completion_ids"], M.end_ids(policy)).sum(1)
         groups = rewards.view(B, G)
         rec = {"step": step + 1, "loss": loss, "lr": lr, "skipped": int(not finite),
                **{f"reward_{k}": float(np.mean([s[k] for s in scores])) for k in ("format", "answer", "grounding", "iou")},
@@ -312,16 +311,10 @@ def main(cfg):
                        " ".join(f"{k} {v:.2f}" for k, v in means.items()))
         log.write(json.dumps(rec) + "\n")
         log.flush()
-        if bad >= cfg.max_bad_steps:
-            raise SystemExit(f"grpo.py: {bad} non-finite losses or gradients in a row (step {step + 1}); no update "
-                             f"was applied for them. Lower --lr, or resume from the last checkpoint with --resume.")
 
-        # ---- checkpoints: periodic, and on Ctrl-C
-        if (cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < cfg.max_steps) or stop.requested:
-            M.save_checkpoint(cfg.out, step + 1, policy, processor, keep=cfg.keep, state={
-                "optimizer": opt.state_dict(), "order": order, "rng": M.rng_state()})
-        if stop.requested:
-            print(f"stopped at step {step + 1}; continue with the same command plus --resume")
+        # ---- checkpoints: periodic and on Ctrl-C; stop on repeated non-finite updates
+        if M.after_step("grpo.py", cfg, step + 1, bad, stop, policy, processor,
+                        lambda: {"optimizer": opt.state_dict(), "order": order, "rng": M.rng_state()}):
             return
 
     M.save(policy, processor, cfg.out, into=True)

@@ -272,6 +272,21 @@ class StopOnCtrlC:
         print("\nCtrl-C: finishing this step, then saving a checkpoint (Ctrl-C again to abort now)", flush=True)
 
 
+def after_step(script, cfg, step, bad, stop, model, processor, state):
+    """The run-safety tail of every training step, shared by sft.py and grpo.py: stop on too many
+    non-finite updates in a row, save a periodic (or Ctrl-C) checkpoint, and say how to resume.
+    `state` is a function, so the optimizer state is only gathered when a checkpoint is written.
+    Returns True when the run should stop here."""
+    if bad >= cfg.max_bad_steps:
+        raise SystemExit(f"{script}: {bad} non-finite losses or gradients in a row (step {step}); no update "
+                         f"was applied for them. Lower --lr, or resume from the last checkpoint with --resume.")
+    if (cfg.save_every and step % cfg.save_every == 0 and step < cfg.max_steps) or stop.requested:
+        save_checkpoint(cfg.out, step, model, processor, state(), keep=cfg.keep)
+    if stop.requested:
+        print(f"stopped at step {step}; continue with the same command plus --resume")
+    return stop.requested
+
+
 # ----------------------------------------------------------------------------- prompts and completions
 def build_prompts(processor, images, questions):
     """Chat-formatted, LEFT-padded prompts with their images, ready for generate() or a forward.

@@ -175,16 +175,10 @@ def main(cfg):
                        " ".join(f"{k} {v:.2f}" for k, v in means.items()) + f"\n  e.g. {example[:160]}")
         log.write(json.dumps(rec) + "\n")
         log.flush()
-        if bad >= cfg.max_bad_steps:
-            raise SystemExit(f"sft.py: {bad} non-finite losses or gradients in a row (step {step + 1}); no update "
-                             f"was applied for them. Lower --lr, or resume from the last checkpoint with --resume.")
 
-        # ---- checkpoints: periodic, and on Ctrl-C
-        if (cfg.save_every and (step + 1) % cfg.save_every == 0 and not last) or stop.requested:
-            M.save_checkpoint(cfg.out, step + 1, model, processor, keep=cfg.keep, state={
-                "optimizer": opt.state_dict(), "epoch": epoch, "order": order, "rng": M.rng_state()})
-        if stop.requested:
-            print(f"stopped at step {step + 1}; continue with the same command plus --resume")
+        # ---- checkpoints: periodic and on Ctrl-C; stop on repeated non-finite updates
+        if M.after_step("sft.py", cfg, step + 1, bad, stop, model, processor, lambda: {
+                "optimizer": opt.state_dict(), "epoch": epoch, "order": order, "rng": M.rng_state()}):
             return
 
     M.save(model, processor, cfg.out, into=True)
