@@ -152,8 +152,8 @@ def loss_normaliser(mask, cfg):
     """The denominator of the rollout's loss, shared by all its micro-batches (see policy_loss)."""
     if cfg.loss_agg == "seq":
         return float(mask.shape[0])
-    if cfg.loss_agg == "token":
-        return float(mask.sum())
+    if cfg.loss_agg == "token":   # at least 1: with --drop-truncated every row can be masked out
+        return max(float(mask.sum()), 1.0)
     return float(mask.shape[0] * cfg.max_new_tokens)
 
 

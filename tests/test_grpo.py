@@ -95,6 +95,14 @@ def test_loss_aggregations_by_hand():
     assert const.item() == pytest.approx((1 - 1.5) / (2 * 5))      # G*B*max_new_tokens
 
 
+def test_a_fully_dropped_rollout_is_a_zero_loss_not_nan():
+    # --drop-truncated can mask every completion of a step: no gradient, but no NaN either
+    logp = torch.zeros(2, 3, requires_grad=True)
+    for agg in ("seq", "token", "constant"):
+        loss, _ = _loss(logp, logp.detach(), torch.tensor([1.0, -1.0]), torch.zeros(2, 3), loss_agg=agg)
+        assert loss.item() == 0.0
+
+
 # ----------------------------------------------------------------------------- micro-batching
 def _rollout(n_prompts=2, G=3):
     torch.manual_seed(0)
