@@ -44,6 +44,21 @@ class EvalConfig:
     gallery: str = "gallery.png"     # PNG gallery of a few samples per checkpoint ('' to skip)
     bootstrap: int = 2000            # paired-bootstrap resamples for the confidence intervals
     device: str = "auto"             # 'auto' (CUDA if available), 'cpu' or 'cuda'
+    data: str = "synthetic"          # 'synthetic' (data.py draws it) or 'gemex' (the real GEMeX-ThinkVG parquet)
+    data_path: str = "BoKelvin/GEMeX-ThinkVG"  # --data gemex: the parquet file (or the Hub id when online)
+    image_root: str = ""             # --data gemex: the local MIMIC-CXR-JPG files/ directory
+
+
+def check(cfg):
+    """Flag values that cannot work, named, before anything is loaded."""
+    size = {"test": data.DataConfig.n_test, "validation": data.DataConfig.n_val}.get(cfg.split, 0)
+    for ok, msg in ((cfg.split in ("test", "validation"), "--split must be test or validation"),
+                    (cfg.data in ("synthetic", "gemex"), "--data must be synthetic or gemex"),
+                    (cfg.n >= 1 and (cfg.data != "synthetic" or cfg.n <= size), f"--n must be in 1..{size}"),
+                    (cfg.batch_size >= 1 and cfg.max_new_tokens >= 1 and cfg.bootstrap >= 1,
+                     "--batch-size, --max-new-tokens and --bootstrap must be >= 1")):
+        if not ok:
+            raise SystemExit(f"evaluate.py: {msg}")
 
 
 # ----------------------------------------------------------------------------- scoring
@@ -66,14 +81,18 @@ def greedy_scores(model, processor, rows, batch_size=100, max_new_tokens=160):
     return scores, texts
 
 
-def run_checkpoint(path, rows, cfg, device):
-    """Load a checkpoint and score it -> per-sample records keyed like METRICS, and texts."""
+def run_checkpoint(path, cfg, device, rows=None):
+    """Load a checkpoint and score it -> (per-sample records keyed like METRICS, texts, rows).
+    The rows are loaded with the first checkpoint, at the frame its processor gives images."""
     model, processor = M.load(path, device)
+    if rows is None:
+        frame = M.image_frame(processor, data.GEMEX_FRAME)
+        rows = data.load(cfg.split, cfg.n, cfg.data, cfg.data_path, cfg.image_root, frame)[:]  # dict of lists
     scores, texts = greedy_scores(model, processor, rows, cfg.batch_size, cfg.max_new_tokens)
     records = [{"format_rate": s["format"], "accuracy": s["answer"], "mean_iou": s["iou"],
                 "iou50_rate": float(s["iou"] >= 0.5), "grounding_rate": s["grounding"],
                 "mean_length": s["length"], "question_type": q} for s, q in zip(scores, rows["question_type"])]
-    return records, texts
+    return records, texts, rows
 
 
 def summarise(path, records):
@@ -145,10 +164,13 @@ def gallery(path, rows, names, all_texts, k=4, per_row=2):
 
 # ----------------------------------------------------------------------------- main
 def main(cfg, checkpoints):
+    check(cfg)
     device, _ = M.pick_device(cfg.device)
-    rows = data.load_synthetic(cfg.split, n=cfg.n)[:]              # dict of lists, decoded once
-    print(f"device {device}; {cfg.split} split, {cfg.n} samples, greedy decoding")
-    records, texts = zip(*[run_checkpoint(c, rows, cfg, device) for c in checkpoints])
+    print(f"device {device}; {cfg.data} {cfg.split} split, {cfg.n} samples, greedy decoding")
+    rows, records, texts = None, [], []
+    for c in checkpoints:               # the same rows for every checkpoint: paired comparisons
+        r, t, rows = run_checkpoint(c, cfg, device, rows)
+        records.append(r), texts.append(t)
     summaries = [summarise(c, r) for c, r in zip(checkpoints, records)]
     print_table(summaries, majority_baseline(rows))
     paired = []

@@ -7,6 +7,7 @@ judge: the group is the baseline (DeepSeekMath, arXiv 2402.03300, Sec. 4.1).
 
     python grpo.py                                   # from runs/sft to runs/grpo, CPU: see README
     python evaluate.py --checkpoint runs/sft runs/grpo
+    torchrun --nproc_per_node=2 grpo.py              # DDP: each rank rolls out its own B prompts
 
 One step, top to bottom in main():
   1. rollout    B prompts x G completions, one batched KV-cached generate     (model.sample)
@@ -73,6 +74,13 @@ class GRPOConfig:
     keep: int = 2                  # how many periodic checkpoints to keep
     resume: bool = False           # continue from the newest checkpoint in --out (same flags otherwise)
     max_bad_steps: int = 3         # stop after this many non-finite losses/gradients in a row (each update is skipped)
+    data: str = "synthetic"        # 'synthetic' (data.py draws it) or 'gemex' (the real GEMeX-ThinkVG parquet)
+    data_path: str = "BoKelvin/GEMeX-ThinkVG"  # --data gemex: the parquet file (or the Hub id when online)
+    image_root: str = ""           # --data gemex: the local MIMIC-CXR-JPG files/ directory
+    dtype: str = "float32"         # weights: float32 (bf16 autocast on CUDA) or bfloat16 (half the memory)
+    max_pixels: int = 0            # image pixel budget per image (0: the model's own); fewer pixels, fewer tokens
+    freeze_vision: bool = False    # train the language model only (saves the vision tower's grads and AdamW state)
+    grad_checkpointing: bool = False  # recompute activations in backward: less memory, ~30% slower
 
 
 def check(cfg):
@@ -89,9 +97,11 @@ def check(cfg):
             cfg.w_format + cfg.w_answer + cfg.w_grounding + cfg.w_iou > 0, "reward weights must be >= 0, not all 0"),
            (cfg.max_new_tokens >= 1 and cfg.warmup_steps >= 1 and cfg.grad_clip > 0,
             "--max-new-tokens and --warmup-steps must be >= 1, --grad-clip > 0"),
-           (cfg.prompts <= cfg.train_size <= data.DataConfig.n_train,
+           (cfg.prompts <= cfg.train_size and (cfg.data != "synthetic" or cfg.train_size <= data.DataConfig.n_train),
             f"--train-size must be in --prompts..{data.DataConfig.n_train}"),
-           (cfg.eval_every >= 0 and 1 <= cfg.eval_n <= data.DataConfig.n_val,
+           (cfg.data in ("synthetic", "gemex") and cfg.dtype in ("float32", "bfloat16") and cfg.max_pixels >= 0,
+            "--data must be synthetic or gemex, --dtype float32 or bfloat16, --max-pixels >= 0"),
+           (cfg.eval_every >= 0 and 1 <= cfg.eval_n and (cfg.data != "synthetic" or cfg.eval_n <= data.DataConfig.n_val),
             f"--eval-every must be >= 0 and --eval-n in 1..{data.DataConfig.n_val}"),
            (cfg.save_every >= 0 and cfg.keep >= 1 and cfg.max_bad_steps >= 1,
             "--save-every must be >= 0, --keep and --max-bad-steps >= 1")]
@@ -165,7 +175,10 @@ def accumulate_gradients(policy, roll, adv, old, ref_logp, cfg, amp=torch.float3
     mask, device = roll["completion_mask"], roll["completion_ids"].device
     norm = loss_normaliser(mask, cfg)
     total, sums, n_tok = 0.0, {}, 0.0
+    last = (roll["completion_ids"].shape[0] - 1) // cfg.micro_batch * cfg.micro_batch
     for s, prompt in micro_batches(roll, cfg.micro_batch):
+        if isinstance(policy, torch.nn.parallel.DistributedDataParallel):
+            policy.require_backward_grad_sync = s.start == last   # DDP: all-reduce once, after the last one
         with torch.autocast(device.type, dtype=amp, enabled=amp != torch.float32):
             logp, ent = M.completion_logprobs(policy, prompt, roll["completion_ids"][s], mask[s],
                                               entropy=True)                              # [n, T] each
@@ -216,21 +229,27 @@ def show(texts, rewards, rows, G, k=2):
 def main(cfg):
     check(cfg)
     device, amp = M.pick_device(cfg.device)
-    print(f"device {device}, autocast {amp}")
-    random.seed(cfg.seed)
-    torch.manual_seed(cfg.seed)
+    rank, world, device = M.ddp_init(device)                      # (0, 1, device) without torchrun
+    master = rank == 0
+    print(f"device {device}, autocast {amp}" + (f", rank {rank} of {world}" if world > 1 else ""))
+    random.seed(cfg.seed + rank)
+    torch.manual_seed(cfg.seed + rank)                            # ranks sample different completions
     ckpt, state = M.open_run(cfg.out, cfg.resume)
-    json.dump(asdict(cfg), open(os.path.join(cfg.out, "run_config.json"), "w"), indent=2)
-    policy, processor = M.load(ckpt or cfg.init, device)
+    if master:
+        json.dump(asdict(cfg), open(os.path.join(cfg.out, "run_config.json"), "w"), indent=2)
+    policy, processor = M.load(ckpt or cfg.init, device, M.weights_dtype(cfg.dtype))
+    M.apply_memory_plan(policy, processor, cfg)
     policy.train()
+    net = torch.nn.parallel.DistributedDataParallel(policy) if world > 1 else policy   # the update goes through net
     ref = None
     if cfg.beta > 0:   # the reference is the frozen init; at beta = 0 it is never loaded (saves memory and time)
-        ref, _ = M.load(cfg.init, device, dtype=amp)
+        ref, _ = M.load(cfg.init, device, dtype=amp)               # in bf16 on CUDA: no second fp32 copy
         ref.eval().requires_grad_(False)
-    train = data.load_synthetic("train", n=cfg.train_size)
-    val = data.load_synthetic("validation")[: cfg.eval_n]
+    frame = M.image_frame(processor, data.GEMEX_FRAME)           # gemex boxes move 224 -> the frame the model sees
+    train = data.load("train", cfg.train_size, cfg.data, cfg.data_path, cfg.image_root, frame)
+    val = data.load("validation", None, cfg.data, cfg.data_path, cfg.image_root, frame)[: cfg.eval_n]
     weights = {"format": cfg.w_format, "answer": cfg.w_answer, "grounding": cfg.w_grounding, "iou": cfg.w_iou}
-    opt = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, betas=(0.9, 0.99), weight_decay=cfg.weight_decay)
+    opt = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=cfg.lr, betas=(0.9, 0.99), weight_decay=cfg.weight_decay)
     B, G = cfg.prompts, cfg.group_size
     print(f"{cfg.init}: {sum(p.numel() for p in policy.parameters()):,} parameters; {B} prompts x {G} "
           f"completions per step; reward weights {weights}")
@@ -239,14 +258,14 @@ def main(cfg):
         opt.load_state_dict(state["optimizer"])
         start, order = state["step"], state["order"]
         M.set_rng_state(state["rng"])
-    log = open(os.path.join(cfg.out, "metrics.jsonl"), "a")
+    log = open(os.path.join(cfg.out, "metrics.jsonl"), "a") if master else None
     stop, t_start = M.StopOnCtrlC(), time.time()
-    bar = tqdm(range(start, cfg.max_steps), desc="grpo", initial=start, total=cfg.max_steps)
+    bar = tqdm(range(start, cfg.max_steps), desc="grpo", initial=start, total=cfg.max_steps, disable=not master)
     for step in bar:
         t0 = time.time()
-        if len(order) < B:     # a fresh seeded permutation of the prompts each epoch
+        if len(order) < B * world:     # a fresh seeded permutation of the prompts each epoch, the same on every rank
             order += torch.randperm(len(train), generator=torch.Generator().manual_seed(cfg.seed + step)).tolist()
-        rows, order = train[order[:B]], order[B:]
+        rows, order = train[order[rank * B:(rank + 1) * B]], order[B * world:]   # each rank: its own B prompts
 
         # ---- 1. rollout: G samples per prompt from the current policy (= pi_old)
         with torch.autocast(device.type, dtype=amp, enabled=amp != torch.float32):
@@ -279,7 +298,8 @@ def main(cfg):
         for g in opt.param_groups:
             g["lr"] = lr
         for _ in range(cfg.mu):
-            loss, stats = accumulate_gradients(policy, roll, adv, old, ref_logp, cfg, amp)
+            loss, stats = accumulate_gradients(net, roll, adv, old, ref_logp, cfg, amp)
+            loss = M.ddp_mean(loss)       # the same on every rank, so all ranks agree on skipping
             grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.grad_clip)
             finite = bool(np.isfinite(loss) and torch.isfinite(grad_norm))
             if finite:                   # a NaN/inf update would poison every weight: skip it
@@ -302,23 +322,26 @@ def main(cfg):
                "elapsed_s": round(time.time() - t_start, 1)}
         bar.set_postfix(reward=f"{rec['reward']:.3f}", answer=f"{rec['reward_answer']:.2f}",
                         iou=f"{rec['reward_iou']:.2f}", len=f"{rec['length_mean']:.0f}")
-        if cfg.show_every and (step + 1) % cfg.show_every == 0:
+        if master and cfg.show_every and (step + 1) % cfg.show_every == 0:
             show(roll["texts"], rewards.tolist(), rows, G)
-        if (cfg.eval_every and (step + 1) % cfg.eval_every == 0) or step + 1 == cfg.max_steps:
+        if master and ((cfg.eval_every and (step + 1) % cfg.eval_every == 0) or step + 1 == cfg.max_steps):
             means, example = sft.greedy_eval(policy, processor, val)
             rec.update({f"val_{k}": v for k, v in means.items()})
             tqdm.write(f"step {step + 1}: reward {rec['reward']:.3f} | val " +
                        " ".join(f"{k} {v:.2f}" for k, v in means.items()))
-        log.write(json.dumps(rec) + "\n")
-        log.flush()
+        if master:             # rank 0's rollout stands for all (the loss is the mean over ranks)
+            log.write(json.dumps(rec) + "\n")
+            log.flush()
 
         # ---- checkpoints: periodic and on Ctrl-C; stop on repeated non-finite updates
         if M.after_step("grpo.py", cfg, step + 1, bad, stop, policy, processor,
                         lambda: {"optimizer": opt.state_dict(), "order": order, "rng": M.rng_state()}):
             return
 
-    M.save(policy, processor, cfg.out, into=True)
-    print(f"saved {cfg.out} after {time.time() - t_start:.0f} s")
+    M.ddp_check_in_sync(policy)
+    if master:
+        M.save(policy, processor, cfg.out, into=True)
+        print(f"saved {cfg.out} after {time.time() - t_start:.0f} s")
 
 
 if __name__ == "__main__":

@@ -27,10 +27,12 @@ import re
 import shutil
 
 import torch
+import torch.distributed as dist
 from transformers import (AutoConfig, GenerationConfig, PreTrainedTokenizerFast, Qwen2_5_VLConfig,
                           Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor,
                           Qwen2VLForConditionalGeneration)
-from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+from transformers.image_utils import SizeDict
+from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil, smart_resize
 
 SYSTEM_PROMPT = "Reason in <think> naming each region you check with its box, then answer in <answer>."
 SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
@@ -143,6 +145,67 @@ def load(name_or_path="tiny", device="cpu", dtype=torch.float32, seed=0):
     return model.to(device=device, dtype=dtype), processor
 
 
+def apply_memory_plan(model, processor, cfg):
+    """The single-GPU memory levers for real checkpoints (README, "Scaling"), flags of sft.py and
+    grpo.py. bf16 weights are chosen at load time (--dtype); here: an image pixel budget (fewer
+    image tokens), a frozen vision tower (no gradients or AdamW state for it), and gradient
+    checkpointing (activations recomputed in backward instead of stored)."""
+    if cfg.max_pixels:
+        ip = processor.image_processor
+        ip.size = SizeDict(shortest_edge=min(ip.size["shortest_edge"], cfg.max_pixels), longest_edge=cfg.max_pixels)
+    if cfg.freeze_vision:
+        model.model.visual.requires_grad_(False)
+    if cfg.grad_checkpointing:
+        model.activation_checkpointing_enable({"use_reentrant": False})
+
+
+def weights_dtype(name):
+    """--dtype: float32 weights (bf16 autocast on CUDA) or bfloat16 weights (half the memory, and
+    AdamW's moments follow the weights' dtype: 8 bytes per trained parameter instead of 16)."""
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16}[name]
+
+
+# ----------------------------------------------------------------------------- several GPUs (torchrun)
+# nanoGPT's recipe: `torchrun --nproc_per_node=N sft.py` sets RANK/WORLD_SIZE/LOCAL_RANK; each
+# process joins one group, owns one device, wraps the model in DistributedDataParallel (gradients
+# are averaged in backward) and works on its own share of the data. Rank 0 logs and saves.
+def ddp_init(device):
+    """Returns (rank, world_size, device); (0, 1, device) outside torchrun."""
+    if "RANK" not in os.environ:
+        return 0, 1, device
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return dist.get_rank(), dist.get_world_size(), device
+
+
+def is_main():
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def ddp_mean(value):
+    """A float averaged over ranks (for logging one number per step); unchanged outside DDP."""
+    if not dist.is_initialized():
+        return float(value)
+    t = torch.tensor([float(value)], dtype=torch.float64, device="cuda" if dist.get_backend() == "nccl" else "cpu")
+    dist.all_reduce(t)   # a sum over ranks
+    return t.item() / dist.get_world_size()
+
+
+def ddp_check_in_sync(model):
+    """Assert every rank holds the same weights (DDP's whole promise) and say so. A weighted sum of
+    all parameters is a cheap fingerprint: any rank that drifted would show a different one."""
+    if not dist.is_initialized():
+        return
+    fp = sum(float((p.detach().double() * (i + 1)).sum()) for i, p in enumerate(model.parameters()))
+    prints = [None] * dist.get_world_size()
+    dist.all_gather_object(prints, fp)
+    assert all(abs(x - prints[0]) <= 1e-9 * max(1.0, abs(prints[0])) for x in prints), f"ranks disagree on the weights: {prints}"
+    if is_main():
+        print(f"ddp: {len(prints)} ranks agree on the weights (fingerprint {fp:.6e})")
+
+
 def save(model, processor, out, state=None, into=False):
     """save_pretrained for model and processor (weights in safetensors), ATOMICALLY: everything
     is written to a temporary sibling directory on the same filesystem, then renamed into place,
@@ -211,11 +274,21 @@ def load_state(path):
 
 
 def rng_state():
-    return {"torch": torch.get_rng_state(), "python": random.getstate(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+    """Every random state the next step depends on; under DDP a list with one entry per rank."""
+    s = {"torch": torch.get_rng_state(), "python": random.getstate(),
+         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+    if not dist.is_initialized():
+        return s
+    every = [None] * dist.get_world_size()
+    dist.all_gather_object(every, s)
+    return {"ranks": every}
 
 
 def set_rng_state(s):
+    if "ranks" in s:
+        assert dist.is_initialized() and len(s["ranks"]) == dist.get_world_size(), (
+            f"this checkpoint was written by {len(s['ranks'])} ranks: resume with the same --nproc_per_node")
+        s = s["ranks"][dist.get_rank()]
     torch.set_rng_state(s["torch"])
     random.setstate(s["python"])
     if s["cuda"]:
@@ -238,22 +311,31 @@ def open_run(out, resume):
         raise SystemExit(f"--out {out}: not writable ({e.strerror or e})")
     metrics = os.path.join(out, "metrics.jsonl")
     if not resume:
-        if os.path.exists(metrics) or list_checkpoints(out):
-            print(f"{out}: starting afresh (previous metrics and checkpoints removed; --resume continues instead)")
-        shutil.rmtree(os.path.join(out, "checkpoints"), ignore_errors=True)
-        open(metrics, "w").close()
+        if is_main():                                  # under DDP only rank 0 touches the run directory
+            if os.path.exists(metrics) or list_checkpoints(out):
+                print(f"{out}: starting afresh (previous metrics and checkpoints removed; --resume continues instead)")
+            shutil.rmtree(os.path.join(out, "checkpoints"), ignore_errors=True)
+            open(metrics, "w").close()
+        _barrier()
         return None, None
     found = list_checkpoints(out)
     if not found:
         raise SystemExit(f"--resume: no checkpoint in {os.path.join(out, 'checkpoints')} (runs save one every --save-every steps)")
     state = load_state(found[-1])
-    lines = open(metrics).readlines() if os.path.exists(metrics) else []
-    kept = [x for x in lines if x.strip() and json.loads(x)["step"] <= state["step"]]
-    with open(metrics + ".tmp", "w") as f:
-        f.writelines(kept)
-    os.replace(metrics + ".tmp", metrics)
-    print(f"resuming from {found[-1]} (step {state['step']})")
+    if is_main():
+        lines = open(metrics).readlines() if os.path.exists(metrics) else []
+        kept = [x for x in lines if x.strip() and json.loads(x)["step"] <= state["step"]]
+        with open(metrics + ".tmp", "w") as f:
+            f.writelines(kept)
+        os.replace(metrics + ".tmp", metrics)
+        print(f"resuming from {found[-1]} (step {state['step']})")
+    _barrier()
     return found[-1], state
+
+
+def _barrier():
+    if dist.is_initialized():
+        dist.barrier()
 
 
 class StopOnCtrlC:
@@ -281,13 +363,24 @@ def after_step(script, cfg, step, bad, stop, model, processor, state):
         raise SystemExit(f"{script}: {bad} non-finite losses or gradients in a row (step {step}); no update "
                          f"was applied for them. Lower --lr, or resume from the last checkpoint with --resume.")
     if (cfg.save_every and step % cfg.save_every == 0 and step < cfg.max_steps) or stop.requested:
-        save_checkpoint(cfg.out, step, model, processor, state(), keep=cfg.keep)
+        snapshot = state()                      # on every rank: it gathers each rank's RNG state
+        if is_main():
+            save_checkpoint(cfg.out, step, model, processor, snapshot, keep=cfg.keep)
+        _barrier()
     if stop.requested:
         print(f"stopped at step {step}; continue with the same command plus --resume")
     return stop.requested
 
 
 # ----------------------------------------------------------------------------- prompts and completions
+def image_frame(processor, side):
+    """The side of the square image the model sees when handed a side x side image: Qwen's
+    smart_resize rounds to whole 28-px merged patches within the pixel budget. Data is loaded
+    at this frame, so boxes are written in the frame the model sees (224 -> 112 for tiny)."""
+    ip = processor.image_processor
+    return smart_resize(side, side, ip.patch_size * ip.merge_size, ip.size["shortest_edge"], ip.size["longest_edge"])[0]
+
+
 def build_prompts(processor, images, questions):
     """Chat-formatted, LEFT-padded prompts with their images, ready for generate() or a forward.
 
@@ -300,7 +393,12 @@ def build_prompts(processor, images, questions):
          {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": q}]}],
         add_generation_prompt=True, tokenize=False) for q in questions]
     batch = processor(images=[[im] for im in images], text=texts, return_tensors="pt", padding=True)
-    merge = processor.image_processor.merge_size ** 2
+    ip = processor.image_processor
+    for im, (_, h, w) in zip(images, batch["image_grid_thw"].tolist()):
+        assert (h * ip.patch_size, w * ip.patch_size) == (im.height, im.width), (
+            f"the processor resized a {im.width}x{im.height} image to {w * ip.patch_size}x{h * ip.patch_size}: "
+            f"its boxes would be in another frame (load data at the frame image_frame() gives)")
+    merge = ip.merge_size ** 2
     n_tokens = int((batch["input_ids"] == processor.image_token_id).sum())
     n_features = int(batch["image_grid_thw"].prod(-1).sum()) // merge
     assert n_tokens == n_features, f"{n_tokens} image tokens in the prompts but {n_features} image features"
@@ -355,8 +453,11 @@ def sample(model, processor, images, questions, group_size=1, max_new_tokens=160
     questions = [q for q in questions for _ in range(group_size)]
     prompt = build_prompts(processor, images, questions).to(device)
     knobs = dict(do_sample=False) if greedy else dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=0)
+    was_training = model.training
+    model.eval()      # with gradient checkpointing on, a training-mode generate() would drop its KV cache
     out = model.generate(**prompt, max_new_tokens=max_new_tokens, use_cache=True,
                          pad_token_id=processor.tokenizer.pad_token_id, eos_token_id=end, **knobs)
+    model.train(was_training)
     ids = out[:, prompt["input_ids"].shape[1]:]                               # [N, T]
     mask = completion_mask(ids, end)                                          # [N, T]
     ended = torch.isin(ids, torch.tensor(end, device=device)).any(1)

@@ -31,9 +31,9 @@ GROUNDING_IOU = 0.75   # the paper's threshold on the mean matched IoU
 MAX_BOXES = 32         # boxes beyond this are counted (they cost IoU) but never matched
 MAX_COORD = 10_000     # a coordinate above this is not a pixel of any image we use
 
-# A box: four numbers in brackets. Digits are bounded so int() never sees a 5,000-digit number.
+# A box: four numbers in brackets (data.py rewrites real boxes with it). Digits are bounded so int() never sees a 5,000-digit number.
 _NUM = r"(-?\d{1,7}(?:\.\d{1,6})?)"
-_BOX = re.compile(r"\[\s{0,3}" + r"\s{0,3},\s{0,3}".join([_NUM] * 4) + r"\s{0,3}\]")
+BOX = re.compile(r"\[\s{0,3}" + r"\s{0,3},\s{0,3}".join([_NUM] * 4) + r"\s{0,3}\]")
 _STOP = {"the", "a", "an", "in", "of", "at", "on", "and", "with", "shows", "is", "are", "see", "seen"}
 _NONE = {"none", "no finding", "no findings", "no abnormality", "normal", "nothing", "no"}
 
@@ -62,7 +62,7 @@ def parse(text, frame=None):
     else:  # no think span: everything before the answer is the reasoning
         think = text[:a0] if a0 >= 0 else text
     boxes = []
-    for m in _BOX.finditer(think):
+    for m in BOX.finditer(think):
         coords = [float(v) for v in m.groups()]
         boxes.append((_region_before(think, m.start()), coords))
     counts = [text.count(tag) for tag in ("<think>", "</think>", "<answer>", "</answer>")]

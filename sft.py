@@ -5,7 +5,9 @@ by teacher forcing: cross-entropy on the response tokens only (the system prompt
 image tokens are context, never targets), AdamW with linear warm-up and cosine decay.
 
     python sft.py                          # tiny model, synthetic data, CPU: see README for timings
-    python sft.py --model Qwen/Qwen2.5-VL-3B-Instruct --device cuda --batch-size 4 --lr 1e-5
+    python sft.py --model Qwen/Qwen2.5-VL-3B-Instruct --device cuda --batch-size 4 --lr 1e-5 \
+        --data gemex --data-path train.parquet --image-root mimic-cxr-jpg/files --dtype bfloat16
+    torchrun --nproc_per_node=2 sft.py     # DistributedDataParallel: one process per GPU (gloo on CPU)
 
 Writes to --out: metrics.jsonl (one JSON object per log line), run_config.json (this run's
 flags; config.json is the model's, written by save_pretrained) and the final model + processor,
@@ -45,6 +47,13 @@ class SFTConfig:
     keep: int = 2                # how many periodic checkpoints to keep
     resume: bool = False         # continue from the newest checkpoint in --out (same flags otherwise)
     max_bad_steps: int = 3       # stop after this many non-finite losses/gradients in a row (each update is skipped)
+    data: str = "synthetic"      # 'synthetic' (data.py draws it) or 'gemex' (the real GEMeX-ThinkVG parquet)
+    data_path: str = "BoKelvin/GEMeX-ThinkVG"  # --data gemex: the parquet file (or the Hub id when online)
+    image_root: str = ""         # --data gemex: the local MIMIC-CXR-JPG files/ directory
+    dtype: str = "float32"       # weights: float32 (bf16 autocast on CUDA) or bfloat16 (half the memory)
+    max_pixels: int = 0          # image pixel budget per image (0: the model's own); fewer pixels, fewer tokens
+    freeze_vision: bool = False  # train the language model only (saves the vision tower's grads and AdamW state)
+    grad_checkpointing: bool = False  # recompute activations in backward: less memory, ~30% slower
 
 
 def check(cfg):
@@ -53,9 +62,12 @@ def check(cfg):
                     (cfg.lr > 0 and cfg.vision_lr_scale >= 0, "--lr must be > 0 and --vision-lr-scale >= 0"),
                     (cfg.warmup_steps >= 0 and cfg.weight_decay >= 0 and cfg.grad_clip > 0,
                      "--warmup-steps and --weight-decay must be >= 0, --grad-clip > 0"),
-                    (1 <= cfg.train_size <= data.DataConfig.n_train, f"--train-size must be in 1..{data.DataConfig.n_train}"),
+                    (1 <= cfg.train_size and (cfg.data != "synthetic" or cfg.train_size <= data.DataConfig.n_train),
+                     f"--train-size must be in 1..{data.DataConfig.n_train}"),
+                    (cfg.data in ("synthetic", "gemex") and cfg.dtype in ("float32", "bfloat16") and cfg.max_pixels >= 0,
+                     "--data must be synthetic or gemex, --dtype float32 or bfloat16, --max-pixels >= 0"),
                     (cfg.batch_size <= cfg.train_size, "--batch-size must not exceed --train-size"),
-                    (cfg.eval_every >= 0 and 1 <= cfg.eval_n <= data.DataConfig.n_val,
+                    (cfg.eval_every >= 0 and 1 <= cfg.eval_n and (cfg.data != "synthetic" or cfg.eval_n <= data.DataConfig.n_val),
                      f"--eval-every must be >= 0 and --eval-n in 1..{data.DataConfig.n_val}"),
                     (cfg.save_every >= 0 and cfg.keep >= 1 and cfg.max_bad_steps >= 1,
                      "--save-every must be >= 0, --keep and --max-bad-steps >= 1")):
@@ -94,6 +106,8 @@ def param_groups(model, cfg):
     the full lr but 0.9 accuracy in 400 steps with the tower frozen or the lr 4x lower)."""
     groups = {}
     for name, p in model.named_parameters():
+        if not p.requires_grad:          # --freeze-vision: no optimizer state for frozen weights
+            continue
         vision = ".visual." in f".{name}"
         groups.setdefault((vision, p.dim() >= 2), {
             "params": [], "lr_scale": cfg.vision_lr_scale if vision else 1.0,
@@ -120,15 +134,21 @@ def greedy_eval(model, processor, rows):
 def main(cfg):
     check(cfg)
     device, amp = M.pick_device(cfg.device)
-    print(f"device {device}, autocast {amp}")
+    rank, world, device = M.ddp_init(device)                      # (0, 1, device) without torchrun
+    master = rank == 0
+    print(f"device {device}, autocast {amp}" + (f", rank {rank} of {world}" if world > 1 else ""))
     torch.manual_seed(cfg.seed)
     ckpt, state = M.open_run(cfg.out, cfg.resume)
-    json.dump(asdict(cfg), open(os.path.join(cfg.out, "run_config.json"), "w"), indent=2)
-    model, processor = M.load(ckpt or cfg.model, device, seed=cfg.seed)
+    if master:
+        json.dump(asdict(cfg), open(os.path.join(cfg.out, "run_config.json"), "w"), indent=2)
+    model, processor = M.load(ckpt or cfg.model, device, M.weights_dtype(cfg.dtype), seed=cfg.seed)
+    M.apply_memory_plan(model, processor, cfg)
     model.train()
+    net = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model   # forward/backward go through net
     end_id = M.end_ids(model)[0]
-    train = data.load_synthetic("train", n=cfg.train_size)
-    val = data.load_synthetic("validation")[: cfg.eval_n]
+    frame = M.image_frame(processor, data.GEMEX_FRAME)           # gemex boxes move 224 -> the frame the model sees
+    train = data.load("train", cfg.train_size, cfg.data, cfg.data_path, cfg.image_root, frame)
+    val = data.load("validation", None, cfg.data, cfg.data_path, cfg.image_root, frame)[: cfg.eval_n]
     print(f"{cfg.model}: {sum(p.numel() for p in model.parameters()):,} parameters; {len(train)} training samples")
 
     opt = torch.optim.AdamW(param_groups(model, cfg), lr=cfg.lr, betas=(0.9, 0.95))
@@ -138,14 +158,15 @@ def main(cfg):
         opt.load_state_dict(state["optimizer"])
         start, epoch, order = state["step"], state["epoch"], state["order"]
         M.set_rng_state(state["rng"])
-    log = open(os.path.join(cfg.out, "metrics.jsonl"), "a")
+    log = open(os.path.join(cfg.out, "metrics.jsonl"), "a") if master else None
     stop = M.StopOnCtrlC()
-    bar, t0 = tqdm(range(start, cfg.max_steps), desc="sft", initial=start, total=cfg.max_steps), time.time()
+    bar, t0 = tqdm(range(start, cfg.max_steps), desc="sft", initial=start, total=cfg.max_steps, disable=not master), time.time()
     for step in bar:
-        # ---- data: length-grouped batches from a seeded shuffle, a new one each epoch
-        if not order:
+        # ---- data: length-grouped batches from a seeded shuffle, a new one each epoch; every rank
+        # holds the same order and takes its own batch of the `world` popped each step
+        if len(order) < world:
             order, epoch = batch_order(lengths, cfg.batch_size, cfg.seed + epoch), epoch + 1
-        rows = train[order.pop()]
+        rows = train[[order.pop() for _ in range(world)][rank]]
         prompt, ids, mask = sft_batch(processor, rows, end_id, device)
 
         # ---- the algorithm: token-mean cross-entropy on response tokens only
@@ -153,36 +174,40 @@ def main(cfg):
         for g in opt.param_groups:
             g["lr"] = lr * g["lr_scale"]
         with torch.autocast(device.type, dtype=amp, enabled=amp != torch.float32):
-            logp = M.completion_logprobs(model, prompt, ids, mask)        # [B, T]
+            logp = M.completion_logprobs(net, prompt, ids, mask)          # [B, T]
         loss = -(logp * mask).sum() / mask.sum()
-        loss.backward()
+        loss.backward()                  # under DDP this also averages the gradients over ranks
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        finite = bool(torch.isfinite(loss) and torch.isfinite(grad_norm))
+        loss = M.ddp_mean(loss.item())   # a float, the mean over ranks (so all ranks agree on skipping)
+        finite = math.isfinite(loss) and bool(torch.isfinite(grad_norm))
         if finite:                       # a NaN/inf update would poison every weight: skip it
             opt.step()
         opt.zero_grad(set_to_none=True)
         bad = 0 if finite else bad + 1
 
-        # ---- logging
-        bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{lr:.1e}")
-        rec = {"step": step + 1, "loss": loss.item(), "lr": lr, "grad_norm": grad_norm.item(),
+        # ---- logging (rank 0)
+        bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.1e}")
+        rec = {"step": step + 1, "loss": loss, "lr": lr, "grad_norm": grad_norm.item(),
                "skipped": int(not finite), "elapsed_s": round(time.time() - t0, 1)}
         last = step + 1 == cfg.max_steps
-        if (cfg.eval_every and (step + 1) % cfg.eval_every == 0) or last:
+        if master and ((cfg.eval_every and (step + 1) % cfg.eval_every == 0) or last):
             means, example = greedy_eval(model, processor, val)
             rec.update({f"val_{k}": v for k, v in means.items()})
-            tqdm.write(f"step {step + 1}: loss {loss.item():.3f} | val " +
+            tqdm.write(f"step {step + 1}: loss {loss:.3f} | val " +
                        " ".join(f"{k} {v:.2f}" for k, v in means.items()) + f"\n  e.g. {example[:160]}")
-        log.write(json.dumps(rec) + "\n")
-        log.flush()
+        if master:
+            log.write(json.dumps(rec) + "\n")
+            log.flush()
 
         # ---- checkpoints: periodic and on Ctrl-C; stop on repeated non-finite updates
         if M.after_step("sft.py", cfg, step + 1, bad, stop, model, processor, lambda: {
                 "optimizer": opt.state_dict(), "epoch": epoch, "order": order, "rng": M.rng_state()}):
             return
 
-    M.save(model, processor, cfg.out, into=True)
-    print(f"saved {cfg.out} after {time.time() - t0:.0f} s")
+    M.ddp_check_in_sync(model)
+    if master:
+        M.save(model, processor, cfg.out, into=True)
+        print(f"saved {cfg.out} after {time.time() - t0:.0f} s")
 
 
 if __name__ == "__main__":

@@ -138,3 +138,37 @@ def test_bad_checkpoint_names_the_path(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
     with pytest.raises(SystemExit, match="gpt2"):
         M.load(str(tmp_path))
+
+
+def test_memory_plan_flags_change_memory_not_maths():
+    """--max-pixels shrinks the frame (and the tokens); --freeze-vision leaves the tower out of the
+    optimizer; --grad-checkpointing recomputes activations yet gives the same gradients."""
+    from types import SimpleNamespace
+    import sft
+    plan = lambda **k: SimpleNamespace(**{"max_pixels": 0, "freeze_vision": False, "grad_checkpointing": False, **k})  # noqa: E731
+    model, processor = M.load("tiny")
+    assert M.image_frame(processor, 224) == 112                      # tiny: 224-px GEMeX boxes land in 112
+    M.apply_memory_plan(model, processor, plan(max_pixels=56 * 56))
+    assert M.image_frame(processor, 224) == 56
+    s = data.make_sample("test", 0)
+    small = s["image"].resize((56, 56))
+    assert int((M.build_prompts(processor, [small], ["q"])["input_ids"] == processor.image_token_id).sum()) == 4
+    with pytest.raises(AssertionError, match="another frame"):      # a 112 image would be resized: refused
+        M.build_prompts(processor, [s["image"]], ["q"])
+
+    model, processor = M.load("tiny")
+    M.apply_memory_plan(model, processor, plan(freeze_vision=True))
+    groups = sft.param_groups(model, sft.SFTConfig())
+    trained = {id(p) for g in groups for p in g["params"]}
+    assert not trained & {id(p) for p in model.model.visual.parameters()} and trained
+
+    def grads(checkpointing):
+        torch.manual_seed(0)
+        m, p = M.load("tiny")
+        M.apply_memory_plan(m, p, plan(grad_checkpointing=checkpointing))
+        m.train()
+        prompt = M.build_prompts(p, [s["image"]], [s["question"]])
+        ids, mask = M.tokenize_completions(p, [s["response"]], M.end_ids(m)[0])
+        (-(M.completion_logprobs(m, prompt, ids, mask) * mask).sum()).backward()
+        return torch.cat([q.grad.flatten() for q in m.parameters()])
+    assert torch.allclose(grads(False), grads(True), atol=1e-5)
