@@ -4,14 +4,16 @@ must be skipped: a missing image, a truncated JPEG, a response without an answer
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import datasets
 import numpy as np
 import pytest
 from PIL import Image
 
-import data
-import reward
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # also runnable: python tests/test_gemex.py DIR
+import data  # noqa: E402
+import reward  # noqa: E402
 
 # one row per question type, in the styles a real response might use (224-pixel GEMeX boxes)
 RESPONSES = [
@@ -37,11 +39,10 @@ def _mimic_paths(n, split):
     return out
 
 
-@pytest.fixture(scope="module")
-def gemex(tmp_path_factory):
+def write_fixture(tmp):
     """-> (parquet path, image root): 3 train, 2 validation, 2 test images, 4 questions each, plus
-    three broken train rows."""
-    tmp = tmp_path_factory.mktemp("gemex")
+    three broken train rows. `python tests/test_gemex.py DIR` writes it for a manual run."""
+    tmp = Path(tmp)
     root = tmp / "mimic-cxr-jpg" / "files"
     rows, rng = [], np.random.default_rng(0)
     for split, n in (("train", 3), ("validation", 2), ("test", 2)):
@@ -63,6 +64,11 @@ def gemex(tmp_path_factory):
     parquet = tmp / "train-00000-of-00001.parquet"
     datasets.Dataset.from_list(rows).to_parquet(str(parquet))
     return str(parquet), str(root)
+
+
+@pytest.fixture(scope="module")
+def gemex(tmp_path_factory):
+    return write_fixture(tmp_path_factory.mktemp("gemex"))
 
 
 def test_convert_response_moves_boxes_into_the_frame_and_normalises_answers():
@@ -165,3 +171,8 @@ def test_each_script_stops_on_a_bad_data_file_with_one_line(gemex, tmp_path):
                               *extra], capture_output=True, text=True)
         last = (run.stderr.strip().splitlines() or [""])[-1]
         assert run.returncode != 0 and "Traceback" not in run.stderr and words in last, (script, run.stderr[-1500:])
+
+
+if __name__ == "__main__":
+    parquet, root = write_fixture(sys.argv[1])
+    print(f"python sft.py --data gemex --data-path {parquet} --image-root {root} --train-size 8 --batch-size 4")
