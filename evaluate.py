@@ -15,6 +15,10 @@ Metrics (each a mean over samples):
   mean_iou        dense IoU: optimal matched IoU / max(#predicted, #reference boxes)
   iou50_rate      fraction with dense IoU >= 0.5
   grounding_rate  the paper's rule: same number of boxes and mean matched IoU > 0.75
+  consistency_rate  the answer is the one the completion's OWN reasoning implies (right or wrong):
+                  the regions it grounds and what it says about them decide the question
+                  (data.implied_answer); reasoning that never describes the asked region counts as
+                  unsupported. Defined by the synthetic question templates (not for --data gemex).
   mean_length     completion length in tokens, end-of-turn token included
 """
 import json
@@ -29,7 +33,7 @@ import data
 import model as M
 import reward
 
-METRICS = ["format_rate", "accuracy", "mean_iou", "iou50_rate", "grounding_rate", "mean_length"]
+METRICS = ["format_rate", "accuracy", "mean_iou", "iou50_rate", "grounding_rate", "consistency_rate", "mean_length"]
 
 
 # ----------------------------------------------------------------------------- config
@@ -91,8 +95,16 @@ def run_checkpoint(path, cfg, device, rows=None):
     scores, texts = greedy_scores(model, processor, rows, cfg.batch_size, cfg.max_new_tokens)
     records = [{"format_rate": s["format"], "accuracy": s["answer"], "mean_iou": s["iou"],
                 "iou50_rate": float(s["iou"] >= 0.5), "grounding_rate": s["grounding"],
-                "mean_length": s["length"], "question_type": q} for s, q in zip(scores, rows["question_type"])]
+                "consistency_rate": consistency(text, q, qt), "mean_length": s["length"], "question_type": qt}
+               for s, text, q, qt in zip(scores, texts, rows["question"], rows["question_type"])]
     return records, texts, rows
+
+
+def consistency(completion, question, question_type):
+    """1.0 when the completion's answer is the one its own reasoning implies (see the module doc)."""
+    p = reward.parse(completion)
+    implied = data.implied_answer(question, p.think)
+    return reward.answer_correct(p.answer, implied, question_type) if implied is not None else 0.0
 
 
 def summarise(path, records):
@@ -128,13 +140,13 @@ def majority_baseline(rows):
 def print_table(summaries, baseline):
     short = {t: t.split("_")[0] for t in data.QUESTION_TYPES}
     cols = METRICS + [f"acc_{short[t]}" for t in data.QUESTION_TYPES]
-    print(f"{'checkpoint':<28}" + "".join(f"{c:>15}" for c in cols))
+    print(f"{'checkpoint':<28}" + "".join(f"{c:>17}" for c in cols))
     for s in summaries:
         vals = [s[m] for m in METRICS] + [s["accuracy_by_type"][t] for t in data.QUESTION_TYPES]
-        print(f"{s['checkpoint'][-28:]:<28}" + "".join(f"{v:>15.1f}" if c == "mean_length" else f"{v:>15.3f}"
+        print(f"{s['checkpoint'][-28:]:<28}" + "".join(f"{v:>17.1f}" if c == "mean_length" else f"{v:>17.3f}"
                                                         for c, v in zip(cols, vals)))
-    print(f"{'majority-answer baseline':<28}" + " " * 15 * len(METRICS) +
-          "".join(f"{baseline[t]:>15.3f}" for t in data.QUESTION_TYPES))
+    print(f"{'majority-answer baseline':<28}" + " " * 17 * len(METRICS) +
+          "".join(f"{baseline[t]:>17.3f}" for t in data.QUESTION_TYPES))
 
 
 def gallery(path, rows, names, all_texts, k=4, per_row=2):

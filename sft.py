@@ -25,6 +25,7 @@ from tqdm import tqdm
 import data
 import evaluate
 import model as M
+import reward
 
 # ----------------------------------------------------------------------------- config
 @dataclass
@@ -47,6 +48,7 @@ class SFTConfig:
     keep: int = 2                # how many periodic checkpoints to keep
     resume: bool = False         # continue from the newest checkpoint in --out (same flags otherwise)
     max_bad_steps: int = 3       # stop after this many non-finite losses/gradients in a row (each update is skipped)
+    trace: str = "thinkvg"       # targets: 'thinkvg' (grounded reasoning, then the answer) or 'answer' (the answer alone)
     data: str = "synthetic"      # 'synthetic' (data.py draws it) or 'gemex' (the real GEMeX-ThinkVG parquet)
     data_path: str = "BoKelvin/GEMeX-ThinkVG"  # --data gemex: the parquet file (or the Hub id when online)
     image_root: str = ""         # --data gemex: the local MIMIC-CXR-JPG files/ directory
@@ -64,6 +66,7 @@ def check(cfg):
                      "--warmup-steps and --weight-decay must be >= 0, --grad-clip > 0"),
                     (1 <= cfg.train_size and (cfg.data != "synthetic" or cfg.train_size <= data.DataConfig.n_train),
                      f"--train-size must be in 1..{data.DataConfig.n_train}"),
+                    (cfg.trace in ("thinkvg", "answer"), "--trace must be thinkvg or answer"),
                     (cfg.data in ("synthetic", "gemex") and cfg.dtype in ("float32", "bfloat16") and cfg.max_pixels >= 0,
                      "--data must be synthetic or gemex, --dtype float32 or bfloat16, --max-pixels >= 0"),
                     (cfg.batch_size <= cfg.train_size, "--batch-size must not exceed --train-size"),
@@ -149,6 +152,8 @@ def main(cfg):
     frame = M.image_frame(processor, data.GEMEX_FRAME)           # gemex boxes move 224 -> the frame the model sees
     train = data.load("train", cfg.train_size, cfg.data, cfg.data_path, cfg.image_root, frame)
     val = data.load("validation", None, cfg.data, cfg.data_path, cfg.image_root, frame)[: cfg.eval_n]
+    if cfg.trace == "answer":   # the no-reasoning baseline: the same samples, the target cut to <answer>...</answer>
+        train = train.map(lambda r: {"response": f"<answer>{reward.parse(r).answer}</answer>"}, input_columns="response")
     print(f"{cfg.model}: {sum(p.numel() for p in model.parameters()):,} parameters; {len(train)} training samples")
 
     opt = torch.optim.AdamW(param_groups(model, cfg), lr=cfg.lr, betas=(0.9, 0.95))

@@ -48,7 +48,7 @@ def test_evaluate_script_two_checkpoints(tmp_path):
     res = json.loads(out.read_text())
     assert [c["checkpoint"] for c in res["checkpoints"]] == [str(tmp_path / "a"), str(tmp_path / "b")]
     keys = {"checkpoint", "n", "format_rate", "accuracy", "accuracy_by_type", "mean_iou", "iou50_rate",
-            "grounding_rate", "mean_length"}
+            "grounding_rate", "consistency_rate", "mean_length"}
     for c in res["checkpoints"]:
         assert set(c) == keys and c["n"] == 8 and set(c["accuracy_by_type"]) == set(data.QUESTION_TYPES)
         assert all(0 <= c[k] <= 1 for k in keys - {"checkpoint", "n", "accuracy_by_type", "mean_length"})
@@ -63,3 +63,40 @@ def test_evaluate_script_two_checkpoints(tmp_path):
                        capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-2000:]
     assert set(json.loads(out.read_text())) == keys
+
+
+def test_consistency_on_hand_made_cases():
+    """Consistency asks whether the answer follows from the completion's own reasoning, right or wrong."""
+    c = evaluate.consistency
+    q = "Is there a nodule in the left lower lung zone?"
+    says_nodule = "<think>The left lower lung zone [60, 65, 100, 95] shows a small round opacity.</think>"
+    says_clear = "<think>The left lower lung zone [60, 65, 100, 95] is clear.</think>"
+    assert c(says_nodule + "<answer>yes</answer>", q, "closed_ended_questions") == 1.0
+    assert c(says_nodule + "<answer>no</answer>", q, "closed_ended_questions") == 0.0     # contradicts itself
+    assert c(says_clear + "<answer>no</answer>", q, "closed_ended_questions") == 1.0      # consistent, maybe wrong
+    other = "<think>The right upper lung zone [5, 10, 50, 45] is clear.</think><answer>no</answer>"
+    assert c(other, q, "closed_ended_questions") == 0.0                                   # never looked there
+    assert c("<answer>yes</answer>", q, "closed_ended_questions") == 0.0                  # no reasoning at all
+    q = "Which region contains the mass? A. cardiac silhouette B. left mid lung zone C. right upper lung zone D. upper mediastinum"
+    think = ("<think>The left mid lung zone [60, 40, 100, 60] shows a large dense opacity. "
+             "The right upper lung zone [5, 10, 50, 45] is clear.</think>")
+    assert c(think + "<answer>B</answer>", q, "single_choice_questions") == 1.0
+    assert c(think + "<answer>C</answer>", q, "single_choice_questions") == 0.0
+    q = "Which of these regions appear normal? A. left mid lung zone B. right upper lung zone C. cardiac silhouette D. upper mediastinum"
+    four = think[:-8] + (" The cardiac silhouette [40, 50, 70, 80] has a normal outline."
+                         " The upper mediastinum [45, 5, 65, 50] is clear.</think>")
+    assert c(four + "<answer>B, C, D</answer>", q, "multi_choice_questions") == 1.0
+    assert c(four + "<answer>B, C</answer>", q, "multi_choice_questions") == 0.0
+    assert c(think + "<answer>B</answer>", q, "multi_choice_questions") == 0.0          # C and D never described
+    q = "What abnormality is seen in the left mid lung zone?"
+    assert c(think + "<answer>mass</answer>", q, "open_ended_questions") == 1.0
+    assert c(think + "<answer>none</answer>", q, "open_ended_questions") == 0.0
+    for junk in ("", "<think>The [1, 2, 3, 4] shows</think><answer>", "x" * 10000):
+        assert c(junk, q, "open_ended_questions") == 0.0
+
+
+def test_every_reference_trace_is_consistent():
+    """The metric reads the traces data.py writes: each reference answer follows from its reasoning."""
+    for i in range(300):
+        s = data.make_sample("test", i)
+        assert evaluate.consistency(s["response"], s["question"], s["question_type"]) == 1.0, s
