@@ -493,10 +493,11 @@ def load_gemex(split, n=None, path=GEMEX_HUB_ID, image_root="", frame=GEMEX_FRAM
 
 
 def load(split, n=None, source="synthetic", path=GEMEX_HUB_ID, image_root="", frame=None):
-    """The one entry point of sft.py / grpo.py / evaluate.py: --data synthetic or gemex."""
+    """The one entry point of sft.py / grpo.py / evaluate.py: --data synthetic or gemex. `frame` is
+    the side GEMeX films are resized to; the synthetic set is drawn at its own DataConfig.frame,
+    which every Qwen processor keeps as it is (build_prompts asserts that it does)."""
     if source == "gemex":
         return load_gemex(split, n, path, image_root, frame or GEMEX_FRAME)
-    assert frame in (None, DataConfig.frame), f"the synthetic set is drawn at {DataConfig.frame} px, not {frame}"
     return load_synthetic(split, n)
 
 

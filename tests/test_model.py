@@ -172,3 +172,17 @@ def test_memory_plan_flags_change_memory_not_maths():
         (-(M.completion_logprobs(m, prompt, ids, mask) * mask).sum()).backward()
         return torch.cat([q.grad.flatten() for q in m.parameters()])
     assert torch.allclose(grads(False), grads(True), atol=1e-5)
+
+
+def test_a_processor_with_a_larger_budget_still_reads_the_synthetic_set():
+    """A real Qwen2.5-VL processor sees GEMeX films at 224 px, but the synthetic set is drawn at
+    112: it must load as drawn, and its images reach the model unresized (boxes keep their frame)."""
+    from transformers.image_utils import SizeDict
+    _, processor = M.load("tiny")
+    processor.image_processor.size = SizeDict(shortest_edge=56 * 56, longest_edge=28 * 28 * 1280)  # Qwen's defaults
+    frame = M.image_frame(processor, data.GEMEX_FRAME)
+    assert frame == 224
+    rows = data.load("validation", 2, "synthetic", frame=frame)[:]
+    assert rows["image"][0].size == (112, 112)
+    prompt = M.build_prompts(processor, rows["image"], rows["question"])
+    assert prompt["image_grid_thw"].tolist() == [[1, 8, 8], [1, 8, 8]]
