@@ -478,26 +478,39 @@ def load_gemex(split, n=None, path=GEMEX_HUB_ID, image_root="", frame=GEMEX_FRAM
         gen_kwargs={"path": os.path.abspath(path) if os.path.exists(path) else path,
                     "image_root": os.path.abspath(image_root), "split": split, "frame": frame,
                     "fingerprint": f"{stamp}-{hashlib.sha1(open(__file__, 'rb').read()).hexdigest()}"})
-    skips = Counter(ds["skip"])
+    skip = ds["skip"]                                   # read once: counts, examples and the kept rows
+    skips = Counter(skip)
     kept = skips.pop("", 0)
     if skips:
-        first = {why: ds[ds["skip"].index(why)]["image_path"] for why in skips}
+        first = {why: ds[skip.index(why)]["image_path"] for why in skips}
         print(f"gemex {split}: kept {kept} rows, skipped " + ", ".join(
             f"{c} ({why}, e.g. {first[why]})" for why, c in skips.items()))
     if kept == 0:
         raise SystemExit(f"--data-path {path}: no usable {split} rows under --image-root {image_root}")
-    ds = ds.filter(lambda s: s == "", input_columns="skip").remove_columns("skip")
+    ds = ds.select([i for i, why in enumerate(skip) if not why]).remove_columns("skip")
     if n is not None and n > len(ds):
         raise SystemExit(f"gemex {split}: asked for {n} samples, only {len(ds)} usable")
     return ds if n is None else ds.select(range(n))
 
 
-def load(split, n=None, source="synthetic", path=GEMEX_HUB_ID, image_root="", frame=None):
+@dataclass
+class DataFlags:
+    """The data flags of sft.py, grpo.py and evaluate.py: their configs inherit these fields."""
+    data: str = "synthetic"        # 'synthetic' (data.py draws it) or 'gemex' (the real GEMeX-ThinkVG parquet)
+    data_path: str = GEMEX_HUB_ID  # --data gemex: the parquet file (or the Hub id when online)
+    image_root: str = ""           # --data gemex: the local MIMIC-CXR-JPG files/ directory
+
+    def problems(self):
+        """(ok, message) pairs for the check() of each script."""
+        return [(self.data in ("synthetic", "gemex"), "--data must be synthetic or gemex")]
+
+
+def load(split, n=None, flags=DataFlags(), frame=None):
     """The one entry point of sft.py / grpo.py / evaluate.py: --data synthetic or gemex. `frame` is
     the side GEMeX films are resized to; the synthetic set is drawn at its own DataConfig.frame,
     which every Qwen processor keeps as it is (build_prompts asserts that it does)."""
-    if source == "gemex":
-        return load_gemex(split, n, path, image_root, frame or GEMEX_FRAME)
+    if flags.data == "gemex":
+        return load_gemex(split, n, flags.data_path, flags.image_root, frame or GEMEX_FRAME)
     return load_synthetic(split, n)
 
 

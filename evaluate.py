@@ -37,8 +37,9 @@ METRICS = ["format_rate", "accuracy", "mean_iou", "iou50_rate", "grounding_rate"
 
 
 # ----------------------------------------------------------------------------- config
+# Inherited flags: --data, --data-path, --image-root (data.DataFlags).
 @dataclass
-class EvalConfig:
+class EvalConfig(data.DataFlags):
     checkpoint: str = "runs/sft"     # one or more checkpoint directories (space separated on the command line)
     split: str = "test"              # 'test' or 'validation'
     n: int = 1000                    # samples evaluated (a prefix of the split: the same for every checkpoint)
@@ -48,16 +49,13 @@ class EvalConfig:
     gallery: str = "gallery.png"     # PNG gallery of a few samples per checkpoint ('' to skip)
     bootstrap: int = 2000            # paired-bootstrap resamples for the confidence intervals
     device: str = "auto"             # 'auto' (CUDA if available), 'cpu' or 'cuda'
-    data: str = "synthetic"          # 'synthetic' (data.py draws it) or 'gemex' (the real GEMeX-ThinkVG parquet)
-    data_path: str = "BoKelvin/GEMeX-ThinkVG"  # --data gemex: the parquet file (or the Hub id when online)
-    image_root: str = ""             # --data gemex: the local MIMIC-CXR-JPG files/ directory
 
 
 def check(cfg):
     """Flag values that cannot work, named, before anything is loaded."""
     size = {"test": data.DataConfig.n_test, "validation": data.DataConfig.n_val}.get(cfg.split, 0)
     for ok, msg in ((cfg.split in ("test", "validation"), "--split must be test or validation"),
-                    (cfg.data in ("synthetic", "gemex"), "--data must be synthetic or gemex"),
+                    *data.DataFlags.problems(cfg),
                     (cfg.n >= 1 and (cfg.data != "synthetic" or cfg.n <= size), f"--n must be in 1..{size}"),
                     (cfg.batch_size >= 1 and cfg.max_new_tokens >= 1 and cfg.bootstrap >= 1,
                      "--batch-size, --max-new-tokens and --bootstrap must be >= 1")):
@@ -91,7 +89,7 @@ def run_checkpoint(path, cfg, device, rows=None):
     model, processor = M.load(path, device)
     if rows is None:
         frame = M.image_frame(processor, data.GEMEX_FRAME)
-        rows = data.load(cfg.split, cfg.n, cfg.data, cfg.data_path, cfg.image_root, frame)[:]  # dict of lists
+        rows = data.load(cfg.split, cfg.n, cfg, frame)[:]  # dict of lists
     scores, texts = greedy_scores(model, processor, rows, cfg.batch_size, cfg.max_new_tokens)
     records = [{"format_rate": s["format"], "accuracy": s["answer"], "mean_iou": s["iou"],
                 "iou50_rate": float(s["iou"] >= 0.5), "grounding_rate": s["grounding"],

@@ -38,8 +38,10 @@ import reward
 import sft
 
 # ----------------------------------------------------------------------------- config
+# Inherited flags: --data, --data-path, --image-root (data.DataFlags) and --dtype, --max-pixels,
+# --freeze-vision, --grad-checkpointing (model.MemoryFlags).
 @dataclass
-class GRPOConfig:
+class GRPOConfig(M.MemoryFlags, data.DataFlags):
     init: str = "runs/sft"         # the SFT checkpoint to start from (and the frozen reference when beta > 0)
     out: str = "runs/grpo"         # output directory for metrics, config and the final checkpoint
     max_steps: int = 200           # GRPO steps (one rollout each)
@@ -74,13 +76,6 @@ class GRPOConfig:
     keep: int = 2                  # how many periodic checkpoints to keep
     resume: bool = False           # continue from the newest checkpoint in --out (same flags otherwise)
     max_bad_steps: int = 3         # stop after this many non-finite losses/gradients in a row (each update is skipped)
-    data: str = "synthetic"        # 'synthetic' (data.py draws it) or 'gemex' (the real GEMeX-ThinkVG parquet)
-    data_path: str = "BoKelvin/GEMeX-ThinkVG"  # --data gemex: the parquet file (or the Hub id when online)
-    image_root: str = ""           # --data gemex: the local MIMIC-CXR-JPG files/ directory
-    dtype: str = "float32"         # weights: float32 (bf16 autocast on CUDA) or bfloat16 (half the memory)
-    max_pixels: int = 0            # image pixel budget per image (0: the model's own); fewer pixels, fewer tokens
-    freeze_vision: bool = False    # train the language model only (saves the vision tower's grads and AdamW state)
-    grad_checkpointing: bool = False  # recompute activations in backward: less memory, ~30% slower
 
 
 def check(cfg):
@@ -99,8 +94,7 @@ def check(cfg):
             "--max-new-tokens and --warmup-steps must be >= 1, --grad-clip > 0"),
            (cfg.prompts <= cfg.train_size and (cfg.data != "synthetic" or cfg.train_size <= data.DataConfig.n_train),
             f"--train-size must be in --prompts..{data.DataConfig.n_train}"),
-           (cfg.data in ("synthetic", "gemex") and cfg.dtype in ("float32", "bfloat16") and cfg.max_pixels >= 0,
-            "--data must be synthetic or gemex, --dtype float32 or bfloat16, --max-pixels >= 0"),
+           *data.DataFlags.problems(cfg), *M.MemoryFlags.problems(cfg),
            (cfg.eval_every >= 0 and 1 <= cfg.eval_n and (cfg.data != "synthetic" or cfg.eval_n <= data.DataConfig.n_val),
             f"--eval-every must be >= 0 and --eval-n in 1..{data.DataConfig.n_val}"),
            (cfg.save_every >= 0 and cfg.keep >= 1 and cfg.max_bad_steps >= 1,
@@ -246,8 +240,8 @@ def main(cfg):
         ref, _ = M.load(cfg.init, device, dtype=amp)               # in bf16 on CUDA: no second fp32 copy
         ref.eval().requires_grad_(False)
     frame = M.image_frame(processor, data.GEMEX_FRAME)           # gemex boxes move 224 -> the frame the model sees
-    train = data.load("train", cfg.train_size, cfg.data, cfg.data_path, cfg.image_root, frame)
-    val = data.load("validation", None, cfg.data, cfg.data_path, cfg.image_root, frame)[: cfg.eval_n]
+    train = data.load("train", cfg.train_size, cfg, frame)
+    val = data.load("validation", None, cfg, frame)[: cfg.eval_n]
     weights = {"format": cfg.w_format, "answer": cfg.w_answer, "grounding": cfg.w_grounding, "iou": cfg.w_iou}
     opt = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=cfg.lr, betas=(0.9, 0.99), weight_decay=cfg.weight_decay)
     B, G = cfg.prompts, cfg.group_size

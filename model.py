@@ -25,6 +25,7 @@ import os
 import random
 import re
 import shutil
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
@@ -157,6 +158,20 @@ def apply_memory_plan(model, processor, cfg):
         model.model.visual.requires_grad_(False)
     if cfg.grad_checkpointing:
         model.activation_checkpointing_enable({"use_reentrant": False})
+
+
+@dataclass
+class MemoryFlags:
+    """The single-GPU memory levers of sft.py and grpo.py: their configs inherit these fields."""
+    dtype: str = "float32"           # weights: float32 (bf16 autocast on CUDA) or bfloat16 (half the memory)
+    max_pixels: int = 0              # image pixel budget per image (0: the model's own); fewer pixels, fewer tokens
+    freeze_vision: bool = False      # train the language model only (saves the vision tower's grads and AdamW state)
+    grad_checkpointing: bool = False  # recompute activations in backward: less memory, ~30% slower
+
+    def problems(self):
+        """(ok, message) pairs for the check() of each script."""
+        return [(self.dtype in ("float32", "bfloat16") and self.max_pixels >= 0,
+                 "--dtype must be float32 or bfloat16 and --max-pixels >= 0")]
 
 
 def weights_dtype(name):
@@ -510,9 +525,11 @@ def parse_config(cls, doc="", nargs=None):
     import dataclasses
     import inspect
     import re
-    comments = dict(re.findall(r"^\s+(\w+):[^=\n]+=[^#\n]+#\s*(.+)$", inspect.getsource(cls), re.M))
+    source = "".join(inspect.getsource(c) for c in cls.__mro__ if dataclasses.is_dataclass(c))  # inherited flags too
+    comments = dict(re.findall(r"^\s+(\w+):[^=\n]+=[^#\n]+#\s*(.+)$", source, re.M))
     ap = argparse.ArgumentParser(description=doc.strip().split("\n")[0])
-    for f in dataclasses.fields(cls):
+    own_first = sorted(dataclasses.fields(cls), key=lambda f: f.name not in vars(cls).get("__annotations__", {}))
+    for f in own_first:                  # the script's own flags, then the inherited ones
         kind = _flag_bool if isinstance(f.default, bool) else type(f.default)
         ap.add_argument("--" + f.name.replace("_", "-"), type=kind, default=f.default,
                         nargs=(nargs or {}).get(f.name),

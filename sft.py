@@ -28,8 +28,10 @@ import model as M
 import reward
 
 # ----------------------------------------------------------------------------- config
+# Inherited flags: --data, --data-path, --image-root (data.DataFlags) and --dtype, --max-pixels,
+# --freeze-vision, --grad-checkpointing (model.MemoryFlags).
 @dataclass
-class SFTConfig:
+class SFTConfig(M.MemoryFlags, data.DataFlags):
     model: str = "tiny"          # 'tiny' (built offline) or a Qwen2(.5)-VL Hub id / checkpoint directory
     out: str = "runs/sft"        # output directory for metrics, config and the final checkpoint
     max_steps: int = 2400        # optimizer steps (the default run fits in 10 minutes on 2 CPU cores)
@@ -49,13 +51,6 @@ class SFTConfig:
     resume: bool = False         # continue from the newest checkpoint in --out (same flags otherwise)
     max_bad_steps: int = 3       # stop after this many non-finite losses/gradients in a row (each update is skipped)
     trace: str = "thinkvg"       # targets: 'thinkvg' (grounded reasoning, then the answer) or 'answer' (the answer alone)
-    data: str = "synthetic"      # 'synthetic' (data.py draws it) or 'gemex' (the real GEMeX-ThinkVG parquet)
-    data_path: str = "BoKelvin/GEMeX-ThinkVG"  # --data gemex: the parquet file (or the Hub id when online)
-    image_root: str = ""         # --data gemex: the local MIMIC-CXR-JPG files/ directory
-    dtype: str = "float32"       # weights: float32 (bf16 autocast on CUDA) or bfloat16 (half the memory)
-    max_pixels: int = 0          # image pixel budget per image (0: the model's own); fewer pixels, fewer tokens
-    freeze_vision: bool = False  # train the language model only (saves the vision tower's grads and AdamW state)
-    grad_checkpointing: bool = False  # recompute activations in backward: less memory, ~30% slower
 
 
 def check(cfg):
@@ -67,8 +62,7 @@ def check(cfg):
                     (1 <= cfg.train_size and (cfg.data != "synthetic" or cfg.train_size <= data.DataConfig.n_train),
                      f"--train-size must be in 1..{data.DataConfig.n_train}"),
                     (cfg.trace in ("thinkvg", "answer"), "--trace must be thinkvg or answer"),
-                    (cfg.data in ("synthetic", "gemex") and cfg.dtype in ("float32", "bfloat16") and cfg.max_pixels >= 0,
-                     "--data must be synthetic or gemex, --dtype float32 or bfloat16, --max-pixels >= 0"),
+                    *data.DataFlags.problems(cfg), *M.MemoryFlags.problems(cfg),
                     (cfg.batch_size <= cfg.train_size, "--batch-size must not exceed --train-size"),
                     (cfg.eval_every >= 0 and 1 <= cfg.eval_n and (cfg.data != "synthetic" or cfg.eval_n <= data.DataConfig.n_val),
                      f"--eval-every must be >= 0 and --eval-n in 1..{data.DataConfig.n_val}"),
@@ -150,8 +144,8 @@ def main(cfg):
     net = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model   # forward/backward go through net
     end_id = M.end_ids(model)[0]
     frame = M.image_frame(processor, data.GEMEX_FRAME)           # gemex boxes move 224 -> the frame the model sees
-    train = data.load("train", cfg.train_size, cfg.data, cfg.data_path, cfg.image_root, frame)
-    val = data.load("validation", None, cfg.data, cfg.data_path, cfg.image_root, frame)[: cfg.eval_n]
+    train = data.load("train", cfg.train_size, cfg, frame)
+    val = data.load("validation", None, cfg, frame)[: cfg.eval_n]
     if cfg.trace == "answer":   # the no-reasoning baseline: the same samples, the target cut to <answer>...</answer>
         train = train.map(lambda r: {"response": f"<answer>{reward.parse(r).answer}</answer>"}, input_columns="response")
     print(f"{cfg.model}: {sum(p.numel() for p in model.parameters()):,} parameters; {len(train)} training samples")

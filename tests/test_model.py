@@ -182,7 +182,7 @@ def test_a_processor_with_a_larger_budget_still_reads_the_synthetic_set():
     processor.image_processor.size = SizeDict(shortest_edge=56 * 56, longest_edge=28 * 28 * 1280)  # Qwen's defaults
     frame = M.image_frame(processor, data.GEMEX_FRAME)
     assert frame == 224
-    rows = data.load("validation", 2, "synthetic", frame=frame)[:]
+    rows = data.load("validation", 2, data.DataFlags(data="synthetic"), frame=frame)[:]
     assert rows["image"][0].size == (112, 112)
     prompt = M.build_prompts(processor, rows["image"], rows["question"])
     assert prompt["image_grid_thw"].tolist() == [[1, 8, 8], [1, 8, 8]]
