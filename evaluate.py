@@ -67,9 +67,8 @@ def check(cfg):
 @torch.no_grad()
 def greedy_scores(model, processor, rows, batch_size=100, max_new_tokens=160):
     """Greedy completions for every row (a dict of lists) -> per-row reward.score dicts, each with
-    the completion `length` in tokens added, and the texts. sft.py validates with this too."""
-    was_training = model.training
-    model.eval()
+    the completion `length` in tokens added, and the texts. sft.py validates with this too.
+    (model.sample switches the model to eval mode for generation and back.)"""
     scores, texts = [], []
     for i in range(0, len(rows["question"]), batch_size):
         batch = {k: v[i: i + batch_size] for k, v in rows.items()}
@@ -79,7 +78,6 @@ def greedy_scores(model, processor, rows, batch_size=100, max_new_tokens=160):
                                                    out["completion_mask"].sum(1).tolist(), batch["image"]):
             scores.append(dict(reward.score(text, ref, qtype, frame=image.size), length=float(length)))
             texts.append(text)
-    model.train(was_training)
     return scores, texts
 
 

@@ -186,3 +186,16 @@ def test_a_processor_with_a_larger_budget_still_reads_the_synthetic_set():
     assert rows["image"][0].size == (112, 112)
     prompt = M.build_prompts(processor, rows["image"], rows["question"])
     assert prompt["image_grid_thw"].tolist() == [[1, 8, 8], [1, 8, 8]]
+
+
+def test_sample_generates_in_eval_mode_and_restores_the_mode():
+    model, processor = M.load("tiny")
+    s = data.make_sample("test", 0)
+    seen = []
+    hook = model.register_forward_pre_hook(lambda m, a: seen.append(m.training))
+    for mode in (True, False):
+        model.train(mode)
+        M.sample(model, processor, [s["image"]], [s["question"]], max_new_tokens=2, greedy=True)
+        assert model.training == mode
+    hook.remove()
+    assert seen and not any(seen)          # every generation forward ran in eval mode
