@@ -46,7 +46,7 @@ CHAT_TEMPLATE = (  # Qwen's ChatML, reduced to what we use: text and image parts
     "{% else %}{{ c['text'] }}{% endif %}{% endfor %}{% endif %}<|im_end|>\n{% endfor %}"
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 
-# The tiny model. Text: head_dim = 192 / 6 = 32, so mrope_section (temporal, height, width
+# The tiny model. Text: head_dim = 128 / 4 = 32, so mrope_section (temporal, height, width
 # frequency pairs) must sum to 16. Vision: 14-px patches, 2x2 merged, so a 112-px image is an
 # 8x8 patch grid and 16 image tokens.
 TINY_TEXT = dict(hidden_size=128, intermediate_size=384, num_hidden_layers=4, num_attention_heads=4,
