@@ -22,9 +22,13 @@ Metrics (each a mean over samples):
   mean_length     completion length in tokens, end-of-turn token included
 """
 import json
+import os
 import textwrap
 from dataclasses import dataclass
 
+import matplotlib
+matplotlib.use("Agg")              # files only: no display needed (CI, a server over ssh)
+import matplotlib.pyplot as plt   # noqa: E402
 import numpy as np
 import torch
 from PIL import Image, ImageDraw
@@ -47,6 +51,7 @@ class EvalConfig(data.DataFlags):
     max_new_tokens: int = 160        # generation budget per answer
     json: str = ""                   # also write the numbers to this JSON file
     gallery: str = "gallery.png"     # PNG gallery of a few samples per checkpoint ('' to skip)
+    curves: str = ""                 # PNG of the training curves in each checkpoint's metrics.jsonl ('' to skip)
     bootstrap: int = 2000            # paired-bootstrap resamples for the confidence intervals
     device: str = "auto"             # 'auto' (CUDA if available), 'cpu' or 'cuda'
 
@@ -170,6 +175,35 @@ def gallery(path, rows, names, all_texts, k=4, per_row=2):
     print(f"wrote {path}")
 
 
+def curves(path, checkpoints, smooth=10):
+    """Training curves from each checkpoint's metrics.jsonl, the runs side by side: the GRPO
+    reward (a `smooth`-step moving mean: one step's reward is 64 noisy samples), then the
+    held-out greedy accuracy and grounding rate at every periodic validation (sft.py, grpo.py)."""
+    panels = [("reward", f"GRPO reward, {smooth}-step mean"), ("val_answer", "held-out accuracy (greedy)"),
+              ("val_grounding", "held-out grounding rate (greedy)")]
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    for c in checkpoints:
+        log = os.path.join(c, "metrics.jsonl")
+        if not os.path.exists(log):
+            print(f"curves: {c} has no metrics.jsonl, left out")
+            continue
+        recs = [json.loads(line) for line in open(log)]
+        for ax, (key, _) in zip(axes, panels):
+            pts = [(r["step"], r[key]) for r in recs if key in r]
+            if key == "reward" and len(pts) >= smooth:       # moving mean, plotted at the window's end
+                ys = np.convolve([y for _, y in pts], np.ones(smooth) / smooth, mode="valid")
+                pts = list(zip([x for x, _ in pts][smooth - 1:], ys))
+            if pts:
+                ax.plot(*zip(*pts), marker="o" if key != "reward" else None, ms=3, label=c)
+    for ax, (_, title) in zip(axes, panels):
+        ax.set_title(title), ax.set_xlabel("step"), ax.grid(alpha=0.3)
+    axes[1].legend(fontsize=7)                                 # every run has validations
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    print(f"wrote {path}")
+
+
 # ----------------------------------------------------------------------------- main
 def main(cfg, checkpoints):
     check(cfg)
@@ -196,6 +230,8 @@ def main(cfg, checkpoints):
         print(f"wrote {cfg.json}")
     if cfg.gallery:
         gallery(cfg.gallery, rows, checkpoints, texts)
+    if cfg.curves:
+        curves(cfg.curves, checkpoints)
     return summaries, paired
 
 

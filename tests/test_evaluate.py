@@ -100,3 +100,20 @@ def test_every_reference_trace_is_consistent():
     for i in range(300):
         s = data.make_sample("test", i)
         assert evaluate.consistency(s["response"], s["question"], s["question_type"]) == 1.0, s
+
+
+def test_curves_plot(tmp_path, capsys):
+    """--curves draws every run that has a metrics.jsonl and names the ones it leaves out."""
+    from PIL import Image
+    run = tmp_path / "grpo"
+    run.mkdir()
+    with open(run / "metrics.jsonl", "w") as f:
+        for step in range(1, 31):
+            rec = {"step": step, "reward": step / 30}
+            if step % 10 == 0:
+                rec.update(val_answer=0.3 + step / 100, val_grounding=0.5)
+            f.write(json.dumps(rec) + "\n")
+    out = tmp_path / "curves.png"
+    evaluate.curves(str(out), [str(run), str(tmp_path / "no_such_run")])
+    assert f"{tmp_path / 'no_such_run'} has no metrics.jsonl, left out" in capsys.readouterr().out
+    assert Image.open(out).size == (1500, 400)
