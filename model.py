@@ -19,7 +19,10 @@ Known traps in transformers 5.x, handled once, here:
   * `rope_parameters` replaces `rope_scaling`; `mrope_section` must sum to head_dim / 2.
   * bos/eos/pad ids belong on the config *and* the generation config, or generate() guesses.
 """
+import argparse
+import dataclasses
 import functools
+import inspect
 import json
 import os
 import random
@@ -521,18 +524,15 @@ def parse_config(cls, doc="", nargs=None):
     """Expose a config dataclass as command-line flags (max_steps -> --max-steps). Each flag's help
     is the one-line comment written after its field, so the dataclass stays the single source.
     `nargs` maps a field to argparse's nargs (e.g. {"checkpoint": "+"}): that field becomes a list."""
-    import argparse
-    import dataclasses
-    import inspect
-    import re
     source = "".join(inspect.getsource(c) for c in cls.__mro__ if dataclasses.is_dataclass(c))  # inherited flags too
     comments = dict(re.findall(r"^\s+(\w+):[^=\n]+=[^#\n]+#\s*(.+)$", source, re.M))
     ap = argparse.ArgumentParser(description=doc.strip().split("\n")[0])
     own_first = sorted(dataclasses.fields(cls), key=lambda f: f.name not in vars(cls).get("__annotations__", {}))
     for f in own_first:                  # the script's own flags, then the inherited ones
-        kind = _flag_bool if isinstance(f.default, bool) else type(f.default)
-        ap.add_argument("--" + f.name.replace("_", "-"), type=kind, default=f.default,
-                        nargs=(nargs or {}).get(f.name),
+        flag, is_bool = "--" + f.name.replace("_", "-"), isinstance(f.default, bool)
+        ap.add_argument(flag, type=_flag_bool if is_bool else type(f.default), default=f.default,
+                        nargs="?" if is_bool else (nargs or {}).get(f.name),
+                        const=True if is_bool else None,   # a bare `--resume` means `--resume true`
                         help=f"{comments.get(f.name, '')} (default: {f.default})".replace("%", "%%"))
     return cls(**vars(ap.parse_args()))
 
@@ -572,7 +572,6 @@ def benchmark(name="tiny", device="auto", batch_size=16, n_prompts=4, group_size
 
 
 if __name__ == "__main__":
-    import argparse
     ap = argparse.ArgumentParser(description="Benchmark a model through this file's loader and helpers.")
     ap.add_argument("--model", default="tiny", help="'tiny', a Hub id or a checkpoint directory")
     ap.add_argument("--device", default="auto", help="'auto' (CUDA if available), 'cpu' or 'cuda'")

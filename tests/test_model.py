@@ -199,3 +199,24 @@ def test_sample_generates_in_eval_mode_and_restores_the_mode():
         assert model.training == mode
     hook.remove()
     assert seen and not any(seen)          # every generation forward ran in eval mode
+
+
+def test_parse_config_flags(monkeypatch):
+    """Flags come from the dataclass: dashes for underscores, bools bare or spelled out, bad values refused."""
+    from dataclasses import dataclass
+
+    @dataclass
+    class Cfg:
+        max_steps: int = 5      # steps
+        resume: bool = False    # continue
+        name: str = "x"         # a name
+
+    def parse(*argv):
+        monkeypatch.setattr("sys.argv", ["prog", *argv])
+        return M.parse_config(Cfg)
+    assert parse() == Cfg()
+    assert parse("--max-steps", "7", "--resume") == Cfg(max_steps=7, resume=True)
+    assert parse("--resume", "false", "--name", "y") == Cfg(resume=False, name="y")
+    assert parse("--resume", "1").resume is True
+    with pytest.raises(SystemExit):
+        parse("--resume", "maybe")
