@@ -300,12 +300,12 @@ def implied_answer(question, think):
     said = stated_findings(think)
     opts = dict(re.findall(r"([A-D])\. ((?:(?! [A-D]\. )[^?])+)", question))
     letter = lambda pick: ", ".join(l for l, o in sorted(opts.items()) if pick(o.strip())) or None  # noqa: E731
+    asked = ("cardiomegaly", "cardiac silhouette") if question == "Is the cardiac silhouette enlarged?" else None
     if m := re.fullmatch(r"Is there (?:a |an )?(.+) in the (.+)\?", question):
-        kind = next((k for k, a in ARTICLE.items() if a == m[1] or k == m[1]), m[1])
-        return None if m[2] not in said else "yes" if said[m[2]] == kind else "no"
-    if question == "Is the cardiac silhouette enlarged?":
-        region = "cardiac silhouette"
-        return None if region not in said else "yes" if said[region] == "cardiomegaly" else "no"
+        asked = next((k for k, a in ARTICLE.items() if a == m[1] or k == m[1]), m[1]), m[2]
+    if asked:                                         # yes/no: is that finding stated for that region?
+        kind, region = asked
+        return None if region not in said else "yes" if said[region] == kind else "no"
     if m := re.match(r"Where is the (.+)\?$", question):
         where = [r for r, k in said.items() if k == m[1]]
         return where[0] if len(where) == 1 else None
@@ -323,9 +323,23 @@ def implied_answer(question, think):
 
 
 # ----------------------------------------------------------------------------- datasets container
+def _features(*extra):
+    """The `datasets` schema of a sample, synthetic or real: the GEMeX columns + the decoded image
+    (+ any `extra` string columns)."""
+    import datasets
+    text = datasets.Value("string")
+    return datasets.Features({"image_path": text, "image": datasets.Image(), "question": text,
+                              "question_type": text, "response": text, **{k: text for k in extra}})
+
+
+def _source_hash():
+    """A hash of this file, put in the loaders' gen_kwargs: `datasets` fingerprints the arguments,
+    not the code they call, so without it an edit here would be served a stale cache."""
+    return hashlib.sha1(open(__file__, "rb").read()).hexdigest()
+
+
 def _generate(split, n, seed, frame, source_hash):
-    # source_hash is unused here: it is in gen_kwargs so that editing this file invalidates the
-    # cache (datasets fingerprints the arguments, not the code that _generate calls).
+    # source_hash is unused here: it is only there to key the cache (see _source_hash)
     for i in range(n):
         yield make_sample(split, i, seed, frame)
 
@@ -342,17 +356,13 @@ def load_synthetic(split="train", n=None, cfg=DataConfig(), cache_dir=None):
     full = {"train": cfg.n_train, "validation": cfg.n_val, "test": cfg.n_test}[split]
     n = full if n is None else n
     assert 0 < n <= full, f"n={n} outside 1..{full} for the {split} split"
-    features = datasets.Features({
-        "image_path": datasets.Value("string"), "image": datasets.Image(),
-        "question": datasets.Value("string"), "question_type": datasets.Value("string"),
-        "response": datasets.Value("string")})
     was = datasets.is_progress_bar_enabled()
     datasets.disable_progress_bars()
     try:
         ds = datasets.Dataset.from_generator(
-            _generate, features=features, split=datasets.NamedSplit(split),
+            _generate, features=_features(), split=datasets.NamedSplit(split),
             gen_kwargs={"split": split, "n": n, "seed": cfg.seed, "frame": cfg.frame,
-                        "source_hash": hashlib.sha1(open(__file__, "rb").read()).hexdigest()},
+                        "source_hash": _source_hash()},
             cache_dir=cache_dir)
     finally:
         if was:
@@ -469,15 +479,11 @@ def load_gemex(split, n=None, path=GEMEX_HUB_ID, image_root="", frame=GEMEX_FRAM
     if not os.path.isdir(image_root):
         raise SystemExit(f"--image-root {image_root!r}: not a directory (the MIMIC-CXR-JPG files/ directory)")
     stamp = os.stat(path).st_mtime_ns if os.path.exists(path) else path
-    features = datasets.Features({
-        "image_path": datasets.Value("string"), "image": datasets.Image(), "question": datasets.Value("string"),
-        "question_type": datasets.Value("string"), "response": datasets.Value("string"),
-        "skip": datasets.Value("string")})
     ds = datasets.Dataset.from_generator(
-        _generate_gemex, features=features, split=datasets.NamedSplit(split), cache_dir=cache_dir,
+        _generate_gemex, features=_features("skip"), split=datasets.NamedSplit(split), cache_dir=cache_dir,
         gen_kwargs={"path": os.path.abspath(path) if os.path.exists(path) else path,
                     "image_root": os.path.abspath(image_root), "split": split, "frame": frame,
-                    "fingerprint": f"{stamp}-{hashlib.sha1(open(__file__, 'rb').read()).hexdigest()}"})
+                    "fingerprint": f"{stamp}-{_source_hash()}"})
     skip = ds["skip"]                                   # read once: counts, examples and the kept rows
     skips = Counter(skip)
     kept = skips.pop("", 0)
