@@ -281,6 +281,16 @@ def make_sample(split, index, seed=0, frame=112):
             "question": q, "question_type": qtype, "response": response}
 
 
+def tower_samples(n, seed=0, frame=112):
+    """n fresh (image, {region: box}, {abnormal region: finding}) triples for the vision warm-up of
+    sft.py. Their own seed stream: no train, validation or test image is among them."""
+    for i in range(n):
+        rng = np.random.default_rng([seed, 3, i])
+        findings = sample_findings(rng)
+        pixels, boxes = draw_radiograph(rng, frame, findings)
+        yield Image.fromarray(pixels), boxes, {r: k for k, r in findings}
+
+
 def stated_findings(think):
     """What a reasoning text says about each region it names: {region: finding, or NO_FINDING if
     it calls the region clear}. Reads the sentences `describe` writes (and a model imitates)."""

@@ -50,6 +50,8 @@ class SFTConfig(M.MemoryFlags, data.DataFlags):
     keep: int = 2                # how many periodic checkpoints to keep
     resume: bool = False         # continue from the newest checkpoint in --out (same flags otherwise)
     max_bad_steps: int = 3       # stop after this many non-finite losses/gradients in a row (each update is skipped)
+    tower_steps: int = 0         # vision warm-up steps before SFT (tiny model, synthetic data; 0: none): warm_up_tower
+    tower_lr: float = 3e-3       # peak learning rate of the vision warm-up (cosine decay to 10%)
     trace: str = "thinkvg"       # targets: 'thinkvg' (grounded reasoning, then the answer) or 'answer' (the answer alone)
 
 
@@ -112,6 +114,64 @@ def param_groups(model, cfg):
     return list(groups.values())
 
 
+def tower_targets(boxes, findings, grid, frame):
+    """Targets of one image for the vision warm-up, one row per image token (a grid x grid raster):
+    [regions covering the token (10) | which of those are abnormal (10) | findings there (6)] -> [grid*grid, 26]."""
+    R, kinds = len(data.REGIONS), list(data.FINDINGS)
+    cell, y = frame / grid, torch.zeros(grid * grid, 2 * R + len(kinds))
+    for k, region in enumerate(data.REGIONS):
+        x1, y1, x2, y2 = boxes[region]
+        for t in range(grid * grid):
+            cx0, cy0 = (t % grid) * cell, (t // grid) * cell
+            overlap = max(0, min(x2, cx0 + cell) - max(x1, cx0)) * max(0, min(y2, cy0 + cell) - max(y1, cy0))
+            if overlap > cell * cell / 4:
+                y[t, k] = 1.0
+                if region in findings:
+                    y[t, R + k] = y[t, 2 * R + kinds.index(findings[region])] = 1.0
+    return y
+
+
+def warm_up_tower(model, processor, cfg, device, batch=32):
+    """Stage 0 for the from-scratch tiny model: teach the vision tower WHERE each image token is
+    and WHAT is there, before any text is involved (real VLMs pretrain their tower the same way).
+
+    Qwen2.5-VL's tower has no absolute position embedding (only 2-D rotary, which is relative),
+    and our anatomy is left-right symmetric, so a token over the left lung looks like one over the
+    right lung; and a tower trained by the language-model loss alone never encoded the findings
+    (a linear probe on its features read them at the majority rate: README, stage 1). Here ONE
+    linear head, shared by all image tokens, must say which regions cover each token, which of
+    those are abnormal and with which finding; sharing it forces position and findings into every
+    token's features, in a form the decoder's attention can match with a region's name.
+    Real checkpoints skip this: their towers were pretrained on billions of images.
+    """
+    frame = M.image_frame(processor, data.GEMEX_FRAME)
+    grid = frame // (processor.image_processor.patch_size * processor.image_processor.merge_size)
+    images, targets, n_images = [], [], min(3000, cfg.tower_steps * batch)   # 3,000 images: ~5 s to draw
+    for im, boxes, findings in data.tower_samples(n_images, cfg.seed, frame):
+        images.append(im)
+        targets.append(tower_targets(boxes, findings, grid, frame))
+    targets = torch.stack(targets).to(device)                       # [n_images, grid*grid, 26]
+    tower = model.model.visual
+    head = torch.nn.Linear(model.config.text_config.hidden_size, targets.shape[-1]).to(device)
+    opt = torch.optim.AdamW(list(tower.parameters()) + list(head.parameters()), lr=cfg.tower_lr)
+    g = torch.Generator().manual_seed(cfg.seed)
+    for step in tqdm(range(cfg.tower_steps), desc="vision warm-up"):
+        for group in opt.param_groups:
+            group["lr"] = cfg.tower_lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / cfg.tower_steps)))
+        idx = torch.randint(0, n_images, (batch,), generator=g)
+        pix = processor.image_processor(images=[images[i] for i in idx], return_tensors="pt").to(device)
+        out = tower(pix["pixel_values"], grid_thw=pix["image_grid_thw"])
+        feats = getattr(out, "pooler_output", out).reshape(batch, grid * grid, -1)   # [B, grid*grid, D]
+        logits = head(feats)                                                          # [B, grid*grid, 26]
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(logits, targets[idx])
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    hit = ((logits > 0) == (targets[idx] > 0)).all(-1).float().mean().item()
+    print(f"vision warm-up: {cfg.tower_steps} steps, loss {loss.item():.3f}, "
+          f"tokens with all 26 labels right {hit:.2f} (last batch)")
+
+
 def sft_batch(processor, rows, end_id, device):
     """Rows (a dict of lists from datasets) -> prompt BatchFeature, target ids [B, T], mask [B, T].
     The mask is 1 on exactly the response tokens and the end-of-turn token after them."""
@@ -141,6 +201,8 @@ def main(cfg):
     model, processor = M.load(ckpt or cfg.model, device, M.weights_dtype(cfg.dtype), seed=cfg.seed)
     M.apply_memory_plan(model, processor, cfg)
     model.train()
+    if cfg.model == "tiny" and cfg.data == "synthetic" and cfg.tower_steps and not ckpt:   # stage 0 (resumed: in the weights)
+        warm_up_tower(model, processor, cfg, device)
     net = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model   # forward/backward go through net
     end_id = M.end_ids(model)[0]
     frame = M.image_frame(processor, data.GEMEX_FRAME)           # gemex boxes move 224 -> the frame the model sees

@@ -45,7 +45,7 @@ def test_param_groups_cover_every_parameter_once_with_a_slower_vision_tower():
 def test_sft_then_evaluate_smoke(tmp_path):
     out = tmp_path / "sft"
     r = subprocess.run([sys.executable, "sft.py", "--max-steps", "4", "--batch-size", "4", "--eval-every", "2",
-                        "--eval-n", "2", "--train-size", "64", "--out", str(out)], capture_output=True, text=True)
+                        "--eval-n", "2", "--train-size", "64", "--tower-steps", "2", "--out", str(out)], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-2000:]
     lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert [x["step"] for x in lines] == [1, 2, 3, 4] and lines[-1]["loss"] < lines[0]["loss"]
@@ -61,3 +61,18 @@ def test_sft_then_evaluate_smoke(tmp_path):
     assert summary["checkpoint"] == str(out) and summary["n"] == 6
     assert all(0 <= summary[k] <= 1 for k in ("format_rate", "accuracy", "mean_iou", "iou50_rate", "grounding_rate"))
     assert (tmp_path / "g.png").exists()
+
+
+def test_tower_targets_by_hand():
+    """A 2x2 token grid on a 20-px frame (cells of 10 px): a region box covering the left column,
+    abnormal with a nodule, and one covering only a sliver (< 1/4) of the top-right cell."""
+    boxes = {r: [0, 0, 1, 1] for r in data.REGIONS}                    # 1 px: covers no cell enough
+    boxes["right mid lung zone"] = [0, 0, 10, 20]                        # tokens 0 and 2 (left column)
+    boxes["upper mediastinum"] = [18, 0, 20, 10]                         # 2 px of token 1: not enough
+    y = sft.tower_targets(boxes, {"right mid lung zone": "nodule"}, grid=2, frame=20)
+    k, R = data.REGIONS.index("right mid lung zone"), len(data.REGIONS)
+    nodule = 2 * R + list(data.FINDINGS).index("nodule")
+    assert y.shape == (4, 2 * R + len(data.FINDINGS))
+    assert y[:, k].tolist() == [1, 0, 1, 0] and y[:, R + k].tolist() == [1, 0, 1, 0]
+    assert y[:, nodule].tolist() == [1, 0, 1, 0]
+    assert y.sum() == 6                                                  # nothing else is set
