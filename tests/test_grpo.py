@@ -166,6 +166,11 @@ def test_grpo_smoke_then_evaluate(tmp_path):
                 "grad_norm", "lr", "time_generate", "time_score", "time_reference", "time_train"):
         assert key in lines[-1], key
     assert "val_answer" in lines[-1]
+    # the benchmark line: mean seconds per step (the first is warm-up) and its split, which adds up
+    line = next(x for x in r.stdout.splitlines() if x.startswith("seconds per step over steps 2-2:"))
+    total, parts = float(line.split(": ")[1].split(" = ")[0]), [float(w) for w in line.split() if w[0].isdigit() and "." in w]
+    assert total == pytest.approx(sum(parts[1:]), abs=0.03) and total == pytest.approx(sum(
+        lines[1][f"time_{k}"] for k in ("generate", "score", "reference", "train")), abs=0.01)
     assert all(math.isfinite(v) for x in lines for v in x.values())
     model, _ = M.load(str(out))                                   # saved with save_pretrained
     before, _ = M.load(str(init))
