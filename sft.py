@@ -75,12 +75,16 @@ def check(cfg):
 
 
 # ----------------------------------------------------------------------------- helpers
+def cosine(progress):
+    """The decay factor at `progress` in [0, 1]: from 1 down to 0.1 along half a cosine."""
+    return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+
 def lr_at(step, cfg):
     """Linear warm-up, then cosine decay to 10% of the peak."""
     if step < cfg.warmup_steps:
         return cfg.lr * (step + 1) / cfg.warmup_steps
-    progress = (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps)
-    return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))))
+    return cfg.lr * cosine((step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps))
 
 
 def batch_order(lengths, batch_size, seed, group=16):
@@ -157,7 +161,7 @@ def warm_up_tower(model, processor, cfg, device, batch=32):
     g = torch.Generator().manual_seed(cfg.seed)
     for step in tqdm(range(cfg.tower_steps), desc="vision warm-up"):
         for group in opt.param_groups:
-            group["lr"] = cfg.tower_lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / cfg.tower_steps)))
+            group["lr"] = cfg.tower_lr * cosine(step / cfg.tower_steps)
         idx = torch.randint(0, n_images, (batch,), generator=g)
         pix = processor.image_processor(images=[images[i] for i in idx], return_tensors="pt").to(device)
         out = tower(pix["pixel_values"], grid_thw=pix["image_grid_thw"])

@@ -3,6 +3,7 @@ import json
 import subprocess
 import sys
 
+import pytest
 import torch
 
 import data
@@ -76,3 +77,12 @@ def test_tower_targets_by_hand():
     assert y[:, k].tolist() == [1, 0, 1, 0] and y[:, R + k].tolist() == [1, 0, 1, 0]
     assert y[:, nodule].tolist() == [1, 0, 1, 0]
     assert y.sum() == 6                                                  # nothing else is set
+
+
+def test_learning_rate_schedule_by_hand():
+    """Linear warm-up to the peak, then half a cosine down to 10% of it (the warm-up reuses `cosine`)."""
+    cfg = sft.SFTConfig(lr=1e-3, warmup_steps=10, max_steps=110)
+    assert sft.lr_at(0, cfg) == pytest.approx(1e-4) and sft.lr_at(9, cfg) == pytest.approx(1e-3)
+    assert sft.lr_at(60, cfg) == pytest.approx(1e-3 * 0.55)          # half-way: 0.1 + 0.9 * 0.5
+    assert sft.lr_at(110, cfg) == pytest.approx(1e-4) == sft.lr_at(500, cfg)   # the floor, and it stays there
+    assert sft.cosine(0) == 1.0 and sft.cosine(1) == pytest.approx(0.1)
