@@ -64,6 +64,9 @@ def check(cfg):
                     (1 <= cfg.train_size and (cfg.data != "synthetic" or cfg.train_size <= data.DataConfig.n_train),
                      f"--train-size must be in 1..{data.DataConfig.n_train}"),
                     (cfg.trace in ("thinkvg", "answer"), "--trace must be thinkvg or answer"),
+                    (cfg.tower_steps >= 0 and cfg.tower_lr > 0, "--tower-steps must be >= 0 and --tower-lr > 0"),
+                    (not cfg.tower_steps or (cfg.model == "tiny" and cfg.data == "synthetic"),
+                     "--tower-steps is for --model tiny on --data synthetic (a real checkpoint's tower is pretrained)"),
                     *data.DataFlags.problems(cfg), *M.MemoryFlags.problems(cfg),
                     (cfg.batch_size <= cfg.train_size, "--batch-size must not exceed --train-size"),
                     (cfg.eval_every >= 0 and 1 <= cfg.eval_n and (cfg.data != "synthetic" or cfg.eval_n <= data.DataConfig.n_val),
@@ -205,7 +208,7 @@ def main(cfg):
     model, processor = M.load(ckpt or cfg.model, device, M.weights_dtype(cfg.dtype), seed=cfg.seed)
     M.apply_memory_plan(model, processor, cfg)
     model.train()
-    if cfg.model == "tiny" and cfg.data == "synthetic" and cfg.tower_steps and not ckpt:   # stage 0 (resumed: in the weights)
+    if cfg.tower_steps and not ckpt:   # stage 0 (check() allows it for tiny + synthetic; resumed: in the weights)
         warm_up_tower(model, processor, cfg, device)
     net = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model   # forward/backward go through net
     end_id = M.end_ids(model)[0]
