@@ -38,8 +38,13 @@ def test_every_component_is_a_float_in_unit_interval(text, qtype, frame):
 def test_long_repetitions_parse_in_linear_time(unit):
     unit = unit or "<think>[1, 2, 3, 4]"
     reps = max(1, 20_000 // max(len(unit), 1))
-    t0 = time.perf_counter(); reward.score(unit * reps, REF, "open_ended_questions")
-    small = time.perf_counter() - t0
-    t0 = time.perf_counter(); reward.score(unit * reps * 8, REF, "open_ended_questions")
-    big = time.perf_counter() - t0
+
+    def seconds(text):          # best of 3: a shared machine's hiccup is not a parser's cost
+        best = float("inf")
+        for _ in range(3):
+            t0 = time.perf_counter()
+            reward.score(text, REF, "open_ended_questions")
+            best = min(best, time.perf_counter() - t0)
+        return best
+    small, big = seconds(unit * reps), seconds(unit * reps * 8)
     assert big < 8 * 4 * small + 0.05, (small, big)   # 8x input, far from quadratic (64x)
