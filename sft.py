@@ -138,7 +138,7 @@ def tower_targets(boxes, findings, grid, frame):
     return y
 
 
-def warm_up_tower(model, processor, cfg, device, batch=32):
+def warm_up_tower(model, processor, cfg, device, frame, batch=32):
     """Stage 0 for the from-scratch tiny model: teach the vision tower WHERE each image token is
     and WHAT is there, before any text is involved (real VLMs pretrain their tower the same way).
 
@@ -151,7 +151,6 @@ def warm_up_tower(model, processor, cfg, device, batch=32):
     token's features, in a form the decoder's attention can match with a region's name.
     Real checkpoints skip this: their towers were pretrained on billions of images.
     """
-    frame = M.image_frame(processor, data.GEMEX_FRAME)
     grid = frame // (processor.image_processor.patch_size * processor.image_processor.merge_size)
     images, targets, n_images = [], [], min(3000, cfg.tower_steps * batch)   # 3,000 images: ~5 s to draw
     for im, boxes, findings in data.tower_samples(n_images, cfg.seed, frame):
@@ -208,11 +207,11 @@ def main(cfg):
     model, processor = M.load(ckpt or cfg.model, device, M.weights_dtype(cfg.dtype), seed=cfg.seed)
     M.apply_memory_plan(model, processor, cfg)
     model.train()
+    frame = M.image_frame(processor, data.GEMEX_FRAME)           # gemex boxes move 224 -> the frame the model sees
     if cfg.tower_steps and not ckpt:   # stage 0 (check() allows it for tiny + synthetic; resumed: in the weights)
-        warm_up_tower(model, processor, cfg, device)
+        warm_up_tower(model, processor, cfg, device, frame)
     net = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model   # forward/backward go through net
     end_id = M.end_ids(model)[0]
-    frame = M.image_frame(processor, data.GEMEX_FRAME)           # gemex boxes move 224 -> the frame the model sees
     train = data.load("train", cfg.train_size, cfg, frame)
     val = data.load("validation", None, cfg, frame)[: cfg.eval_n]
     if cfg.trace == "answer":   # the no-reasoning baseline: the same samples, the target cut to <answer>...</answer>
