@@ -304,6 +304,8 @@ def main(cfg):
 
         # ---- diagnostics (every step) and a periodic look at samples and held-out greedy scores
         groups = rewards.view(B, G)
+        split = {"time_generate": t1 - t0, "time_score": t2 - t1, "time_reference": t3 - t2, "time_train": t4 - t3}
+        timings.append(list(split.values()))
         rec = {"step": step + 1, "loss": loss, "lr": lr, "skipped": int(not finite),
                **{f"reward_{k}": float(np.mean([s[k] for s in scores])) for k in ("format", "answer", "grounding", "iou")},
                "reward": float(rewards.mean()), "reward_std": float(rewards.std()),
@@ -312,9 +314,7 @@ def main(cfg):
                "truncated": float(roll["truncated"].float().mean()),
                **stats,
                "grad_norm": float(grad_norm),
-               "time_generate": t1 - t0, "time_score": t2 - t1, "time_reference": t3 - t2, "time_train": t4 - t3,
-               "elapsed_s": round(time.time() - t_start, 1)}
-        timings.append([t1 - t0, t2 - t1, t3 - t2, t4 - t3])
+               **split, "elapsed_s": round(time.time() - t_start, 1)}
         bar.set_postfix(reward=f"{rec['reward']:.3f}", answer=f"{rec['reward_answer']:.2f}",
                         iou=f"{rec['reward_iou']:.2f}", len=f"{rec['length_mean']:.0f}")
         if master and cfg.show_every and (step + 1) % cfg.show_every == 0:
