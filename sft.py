@@ -136,6 +136,17 @@ def tower_targets(boxes, findings, grid, frame):
     return y
 
 
+def patch_order(grid, m):
+    """Inside Qwen2.5-VL's tower (and in the processor's pixel_values) patches are grouped by merge
+    unit, m x m patches each, the units in raster order. Returns, for each of those rows, the
+    raster index (row * grid*m + column) of its patch, so raster targets can be put in tower order."""
+    pgrid, rows = grid * m, torch.empty(grid * grid * m * m, dtype=torch.long)
+    for r in range(pgrid):
+        for c in range(pgrid):
+            rows[(r // m * grid + c // m) * m * m + (r % m) * m + c % m] = r * pgrid + c
+    return rows
+
+
 def warm_up_tower(model, processor, cfg, device, frame, batch=32):
     """Stage 0 for the from-scratch tiny model: teach the vision tower WHAT each image shows and
     WHERE, before any text is involved (real VLMs pretrain their tower the same way).
@@ -158,11 +169,7 @@ def warm_up_tower(model, processor, cfg, device, frame, batch=32):
     m, grid = ip.merge_size, frame // (ip.patch_size * ip.merge_size)    # grid x grid image tokens
     pgrid = grid * m                                                    # pgrid x pgrid patches
     assert model.config.vision_config.window_size >= frame, "warm_up_tower assumes one attention window"
-    # inside the tower, patches are grouped by merge unit (m x m), units in raster order
-    rows = torch.empty(pgrid * pgrid, dtype=torch.long)
-    for r in range(pgrid):
-        for c in range(pgrid):
-            rows[(r // m * grid + c // m) * m * m + (r % m) * m + c % m] = r * pgrid + c
+    rows = patch_order(grid, m)
     local, report, n_images = [], [], min(3000, cfg.tower_steps * batch)   # 3,000 images: ~8 s to draw
     images = []
     for im, boxes, findings in data.tower_samples(n_images, cfg.seed, frame):

@@ -3,8 +3,10 @@ import json
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 import data
 import model as M
@@ -86,3 +88,20 @@ def test_learning_rate_schedule_by_hand():
     assert sft.lr_at(60, cfg) == pytest.approx(1e-3 * 0.55)          # half-way: 0.1 + 0.9 * 0.5
     assert sft.lr_at(110, cfg) == pytest.approx(1e-4) == sft.lr_at(500, cfg)   # the floor, and it stays there
     assert sft.cosine(0) == 1.0 and sft.cosine(1) == pytest.approx(0.1)
+
+
+def test_patch_order_matches_the_processor():
+    """The warm-up's per-patch targets are put in the tower's patch order: check that order
+    against the processor itself, on an image whose 14-px patches are numbered by brightness."""
+    _, processor = M.load("tiny")
+    ip = processor.image_processor
+    grid, m, size = 4, ip.merge_size, ip.patch_size
+    pgrid = grid * m
+    img = np.zeros((pgrid * size, pgrid * size), dtype=np.uint8)
+    for r in range(pgrid):
+        for c in range(pgrid):
+            img[r * size:(r + 1) * size, c * size:(c + 1) * size] = 3 * (r * pgrid + c)
+    pix = ip(images=[Image.fromarray(img)], return_tensors="pt")["pixel_values"]    # [patches, C*T*14*14]
+    assert pix.shape[0] == pgrid * pgrid
+    seen = pix.mean(-1).argsort().argsort()        # each row's rank by brightness = its raster index
+    assert torch.equal(seen, sft.patch_order(grid, m))
