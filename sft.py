@@ -155,9 +155,9 @@ def warm_up_tower(model, processor, cfg, device, frame, batch=32):
     here" (sparse, local), a 4-layer decoder learns only slowly to route from a region's name to
     that region's tokens; given a per-image REPORT in every image token (which regions are
     abnormal, which findings are on the film), it learns the task in a few hundred steps
-    (README, "Where exactly the decoder stalls"). So every image token is trained to carry:
-    the regions that cover it (for the boxes) + the report (for the answers), through ONE
-    linear head shared by all tokens. A report is global: the tower must pool from a finding's
+    (README, "Stage 0"). So every image token is trained to carry the regions that cover it
+    (for the boxes) + the report (for the answers), through one linear head shared by all
+    tokens. A report is global: the tower must pool from a finding's
     patches into every token, and it learns that pooling much faster with deep supervision:
     the block before the last must already say, per 14-px patch, which regions cover it and
     whether (and with what) it is abnormal; the last block then only has to spread it.
@@ -186,6 +186,7 @@ def warm_up_tower(model, processor, cfg, device, frame, batch=32):
                                  torch.nn.Linear(model.config.text_config.hidden_size, report.shape[-1])]).to(device)
     opt = torch.optim.AdamW(list(tower.parameters()) + list(heads.parameters()), lr=cfg.tower_lr)
     bce, g = torch.nn.functional.binary_cross_entropy_with_logits, torch.Generator().manual_seed(cfg.seed)
+    pos_weight = torch.tensor(3.0, device=device)
     for step in tqdm(range(cfg.tower_steps), desc="vision warm-up"):
         for group in opt.param_groups:
             group["lr"] = cfg.tower_lr * cosine(step / cfg.tower_steps)
@@ -194,7 +195,9 @@ def warm_up_tower(model, processor, cfg, device, frame, batch=32):
         out = tower(pix["pixel_values"], grid_thw=pix["image_grid_thw"])
         feats = getattr(out, "pooler_output", out).reshape(batch, grid * grid, -1)    # [B, grid*grid, D]
         patches = seen["h"].reshape(batch, pgrid * pgrid, -1)                         # [B, pgrid*pgrid, width]
-        loss = bce(heads[0](patches), local[idx]) + bce(heads[1](feats), report[idx], pos_weight=torch.tensor(3.0, device=device))
+        # a region is abnormal on ~8% of films: weighting positives 3x made the report exact on
+        # 0.73 of fresh films instead of 0.69 (README, stage 0)
+        loss = bce(heads[0](patches), local[idx]) + bce(heads[1](feats), report[idx], pos_weight=pos_weight)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
