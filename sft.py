@@ -157,10 +157,10 @@ def warm_up_tower(model, processor, cfg, device, frame, batch=32):
     abnormal, which findings are on the film), it learns the task in a few hundred steps
     (README, "Stage 0"). So every image token is trained to carry the regions that cover it
     (for the boxes) + the report (for the answers), through one linear head shared by all
-    tokens. A report is global: the tower must pool from a finding's
-    patches into every token, and it learns that pooling much faster with deep supervision:
-    the block before the last must already say, per 14-px patch, which regions cover it and
-    whether (and with what) it is abnormal; the last block then only has to spread it.
+    tokens. A report is global: the tower must pool from a finding's patches into every token,
+    and it learns that pooling much faster with deep supervision: the block before the last
+    must already say, per 14-px patch, which regions cover it and whether (and with what) it
+    is abnormal; the last block then only has to spread it.
     Qwen2.5-VL's tower has no absolute position embedding (2-D rotary only, relative), so
     naming a region is learned from the anatomy around each patch.
     Real checkpoints skip this: their towers were pretrained on billions of images.
@@ -170,8 +170,7 @@ def warm_up_tower(model, processor, cfg, device, frame, batch=32):
     pgrid = grid * m                                                    # pgrid x pgrid patches
     assert model.config.vision_config.window_size >= frame, "warm_up_tower assumes one attention window"
     rows = patch_order(grid, m)
-    local, report, n_images = [], [], min(3000, cfg.tower_steps * batch)   # 3,000 images: ~8 s to draw
-    images = []
+    images, local, report, n_images = [], [], [], min(3000, cfg.tower_steps * batch)   # 3,000 images: ~8 s to draw
     for im, boxes, findings in data.tower_samples(n_images, cfg.seed, frame):
         images.append(im)
         local.append(tower_targets(boxes, findings, pgrid, frame)[rows])  # [pgrid*pgrid, 26] per patch
