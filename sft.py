@@ -238,6 +238,8 @@ def main(cfg):
     frame = M.image_frame(processor, data.GEMEX_FRAME)           # gemex boxes move 224 -> the frame the model sees
     if cfg.tower_steps and not ckpt and cfg.model == "tiny" and cfg.data == "synthetic":
         warm_up_tower(model, processor, cfg, device, frame)   # stage 0; a real checkpoint's tower is pretrained
+    elif cfg.tower_steps and not ckpt:
+        print("vision warm-up skipped: it is for --model tiny on --data synthetic")
     net = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model   # forward/backward go through net
     end_id = M.end_ids(model)[0]
     train = data.load("train", cfg.train_size, cfg, frame)

@@ -145,6 +145,7 @@ def test_sft_and_evaluate_run_on_gemex_data(gemex, tmp_path):
                         "--eval-n", "2", "--out", str(out), *flags], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-2000:]
     assert "skipped 1 (missing image" in r.stdout
+    assert "vision warm-up skipped" in r.stdout                 # the default --tower-steps, said, not silent
     res = tmp_path / "eval.json"
     r = subprocess.run([sys.executable, "evaluate.py", "--checkpoint", str(out), "--n", "8", "--max-new-tokens", "8",
                         "--json", str(res), "--gallery", "", *flags], capture_output=True, text=True)
