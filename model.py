@@ -83,7 +83,7 @@ def pick_device(name="auto"):
 def build_tiny_tokenizer(vocab_size=1024, n_texts=800):
     """A byte-level BPE trained on synthetic questions and traces. Digits are split one per token
     (as Qwen's tokenizer does), so any box coordinate is spelt from the same ten symbols."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
     import data
     texts = [SYSTEM_PROMPT]
     for i in range(n_texts):
@@ -97,6 +97,10 @@ def build_tiny_tokenizer(vocab_size=1024, n_texts=800):
         vocab_size=vocab_size, special_tokens=SPECIAL, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False))
     tok.add_tokens(TAGS)
+    # each anatomical region name is ONE token (with and without a space before it): sequences get
+    # ~15% shorter, and finding an option's letter in the question is matching one token, not
+    # four ("left" "upper" "lung" "zone"). Measured: single-choice accuracy 0.40 -> 0.48-0.50 (README)
+    tok.add_tokens([AddedToken(w, normalized=False) for r in data.REGIONS for w in (" " + r, r)])
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=None, eos_token="<|im_end|>",
                                    pad_token="<|endoftext|>", padding_side="left")
 

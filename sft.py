@@ -34,7 +34,7 @@ import reward
 class SFTConfig(M.MemoryFlags, data.DataFlags):
     model: str = "tiny"          # 'tiny' (built offline) or a Qwen2(.5)-VL Hub id / checkpoint directory
     out: str = "runs/sft"        # output directory for metrics, config and the final checkpoint
-    max_steps: int = 1200        # optimizer steps (with the warm-up, the default run fits in 10 minutes on 2 CPU cores)
+    max_steps: int = 1500        # optimizer steps (with the warm-up, the default run fits in 10 minutes on 2 CPU cores)
     batch_size: int = 16         # samples per step
     lr: float = 2e-3             # peak learning rate (tiny model from scratch; ~1e-5 for a pretrained 3B)
     vision_lr_scale: float = 0.1 # the vision tower's lr is lr times this (at the full lr it forgets what it sees)
