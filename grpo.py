@@ -60,6 +60,7 @@ class GRPOConfig(M.MemoryFlags, data.DataFlags):
     eps_high: float = 0.28         # clip rho above at 1 + eps_high (DAPO's clip-higher keeps exploring)
     beta: float = 0.0              # k3 KL penalty weight against the frozen init (0: no reference model loaded)
     adv_norm: str = "batch"        # advantage scale: 'group' std (GRPO), 'batch' std, or 'none' (Dr. GRPO)
+    credit: str = "sequence"       # 'sequence': one advantage for all tokens (GRPO); 'span': box digits get the box rewards', the rest the text rewards'
     loss_agg: str = "token"        # 'seq' mean per sequence (GRPO), 'token' mean over batch (DAPO), 'constant' (Dr. GRPO)
     drop_truncated: bool = False   # give completions that hit max_new_tokens no gradient
     w_format: float = 0.25         # reward weight: well-formed <think>/<answer> with a box
@@ -88,6 +89,7 @@ def check(cfg):
            (cfg.temperature > 0 and 0 < cfg.top_p <= 1, "--temperature must be > 0 and --top-p in (0, 1]"),
            (cfg.adv_norm in ("group", "batch", "none"), "--adv-norm must be group, batch or none"),
            (cfg.loss_agg in ("seq", "token", "constant"), "--loss-agg must be seq, token or constant"),
+           (cfg.credit in ("sequence", "span"), "--credit must be sequence or span"),
            (min(cfg.w_format, cfg.w_answer, cfg.w_grounding, cfg.w_iou) >= 0 and
             cfg.w_format + cfg.w_answer + cfg.w_grounding + cfg.w_iou > 0, "reward weights must be >= 0, not all 0"),
            (cfg.max_new_tokens >= 1 and cfg.warmup_steps >= 1 and cfg.grad_clip > 0,
@@ -122,17 +124,42 @@ def advantages(rewards, group_size, norm="group", eps=1e-4):
     return a.reshape(-1)                                               # [B*G]
 
 
+def digit_tokens(tokenizer):
+    """[V] bool: the vocabulary entries that are a single digit. Qwen's tokenizer and the tiny
+    one both spell numbers digit by digit, and in a ThinkVG trace every digit is a coordinate."""
+    toks = tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))
+    return torch.tensor([t is not None and len(t) == 1 and t in "0123456789" for t in toks])
+
+
+def span_advantages(scores, ids, is_digit, weights, group_size, norm="group"):
+    """--credit span: each reward is credited to the tokens that decide it. Returns [N, T].
+
+    A sequence-level advantage tells every token of a completion the same story: a box digit is
+    pushed up because the answer letter was right, the letter because the boxes were tight. With
+    four rewards that mostly disagree, that is noise on every token. Here the box tokens (the
+    digits) get the group-relative advantage of the box rewards (grounding + IoU) alone, and all
+    other tokens (region names, findings, the answer) that of the text rewards (format + answer).
+    scores: reward.score dicts [N]; ids [N, T] completion ids; is_digit [V] from digit_tokens.
+    """
+    def part(keys):
+        r = torch.tensor([sum(weights[k] * s[k] for k in keys) for s in scores], device=ids.device)
+        return advantages(r, group_size, norm)                          # [N]
+    a_box, a_text = part(("grounding", "iou")), part(("format", "answer"))
+    digit = is_digit.to(ids.device)[ids]                                # [N, T]
+    return torch.where(digit, a_box.unsqueeze(1), a_text.unsqueeze(1))  # [N, T]
+
+
 def policy_loss(logp, old_logp, adv, mask, cfg, norm, ref_logp=None):
     """The clipped surrogate (PPO, arXiv 1707.06347 eq. 7) with GRPO's per-token advantage and
     optional k3 KL (Schulman's unbiased, positive estimator of KL(pi || pi_ref)).
 
-    logp, old_logp, ref_logp, mask [n, T]; adv [n]. Returns (loss, stats) where loss is this
-    micro-batch's SHARE of the rollout's loss: `norm` is computed over the whole rollout
+    logp, old_logp, ref_logp, mask [n, T]; adv [n] (or [n, T]: --credit span). Returns (loss,
+    stats) where loss is this micro-batch's SHARE of the rollout's loss: `norm` is computed over the whole rollout
     (total tokens, total sequences, ...), so summing micro-batch losses gives the same gradient
     whatever the micro-batch size.
     """
     ratio = torch.exp(logp - old_logp)                                  # [n, T]  rho_t
-    a = adv.unsqueeze(1)                                                # [n, 1]  one A per sequence
+    a = adv if adv.dim() == 2 else adv.unsqueeze(1)                     # [n, T] per token, or [n, 1] per sequence
     surrogate = torch.min(ratio * a, torch.clamp(ratio, 1 - cfg.eps_low, 1 + cfg.eps_high) * a)
     per_token = -surrogate                                              # [n, T]
     if cfg.beta > 0:
@@ -245,6 +272,7 @@ def main(cfg):
     weights = {"format": cfg.w_format, "answer": cfg.w_answer, "grounding": cfg.w_grounding, "iou": cfg.w_iou}
     opt = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=cfg.lr, betas=(0.9, 0.99), weight_decay=cfg.weight_decay)
     B, G = cfg.prompts, cfg.group_size
+    is_digit = digit_tokens(processor.tokenizer)                 # [V], for --credit span
     print(f"{cfg.init}: {sum(p.numel() for p in policy.parameters()):,} parameters; {B} prompts x {G} "
           f"completions per step; reward weights {weights}")
     start, order, bad = 0, [], 0
@@ -279,6 +307,8 @@ def main(cfg):
 
         # ---- 3. advantage: relative to the group
         adv = advantages(rewards, G, cfg.adv_norm)                               # [N]
+        if cfg.credit == "span":                                                 # [N, T]: per reward, per span
+            adv = span_advantages(scores, roll["completion_ids"], is_digit, weights, G, cfg.adv_norm)
         t2 = time.time()
 
         # ---- 4. log-probs of the rollout under pi_old (and pi_ref), before any update

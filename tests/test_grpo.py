@@ -35,6 +35,27 @@ def test_a_group_of_equal_rewards_teaches_nothing():
         assert torch.all(a[:3] == 0) and a[3] > 0 > a[4]
 
 
+def test_span_credit_by_hand():
+    # one group of 2: completion 0 has the right answer but a loose box, completion 1 the reverse
+    tok = M.build_tiny_tokenizer()
+    is_digit = grpo.digit_tokens(tok)
+    assert is_digit.sum() == 10 and all(is_digit[tok.convert_tokens_to_ids(str(d))] for d in range(10))
+    ids = torch.tensor([tok("[1, 2] yes")["input_ids"], tok("[3, 4] no")["input_ids"]])   # 8 tokens each
+    scores = [{"format": 1, "answer": 1, "grounding": 0, "iou": 0.2},
+              {"format": 1, "answer": 0, "grounding": 1, "iou": 0.9}]
+    w = {"format": 0.25, "answer": 1.0, "grounding": 1.0, "iou": 0.5}
+    a = grpo.span_advantages(scores, ids, is_digit, w, 2, "none")
+    digit = is_digit[ids]
+    # text reward 1.25 vs 0.25 -> +-0.5; box reward 0.1 vs 1.45 -> -+0.675
+    assert torch.allclose(a[digit], torch.tensor([-0.675, -0.675, 0.675, 0.675]))
+    assert torch.allclose(a[~digit].view(2, -1), torch.tensor([[0.5], [-0.5]]).expand(2, int((~digit[0]).sum())))
+    # the loss takes the [N, T] advantages as they are: at rho = 1 the gradient is -A_t / tokens
+    logp = torch.zeros(ids.shape, requires_grad=True)
+    loss, _ = _loss(logp, logp.detach(), a, torch.ones(ids.shape), loss_agg="token")
+    loss.backward()
+    assert torch.allclose(logp.grad, -a / ids.numel())
+
+
 # ----------------------------------------------------------------------------- the clipped loss
 def _loss(logp, old, adv, mask, ref=None, **kw):
     cfg = replace(CFG, **kw)
