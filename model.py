@@ -477,13 +477,19 @@ def sample(model, processor, images, questions, group_size=1, max_new_tokens=160
     knobs = dict(do_sample=False) if greedy else dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=0)
     was_training = model.training
     model.eval()      # with gradient checkpointing on, a training-mode generate() would drop its KV cache
+    # a completion must never hold a vision placeholder: the forward that scores it would count an
+    # <|image_pad|> there as an image token with no image feature and fail (a random-init model
+    # does sample them). Suppressed, they get probability 0 here and ~0 in a trained model anyway.
+    tok = processor.tokenizer
+    vision = [tok.convert_tokens_to_ids(t) for t in SPECIAL if "vision" in t or "_pad" in t]
     out = model.generate(**prompt, max_new_tokens=max_new_tokens, use_cache=True,
-                         pad_token_id=processor.tokenizer.pad_token_id, eos_token_id=end, **knobs)
+                         pad_token_id=tok.pad_token_id, eos_token_id=end,
+                         suppress_tokens=[i for i in vision if i not in (None, tok.unk_token_id)], **knobs)
     model.train(was_training)
     ids = out[:, prompt["input_ids"].shape[1]:]                               # [N, T]
     mask = completion_mask(ids, end)                                          # [N, T]
     ended = torch.isin(ids, torch.tensor(end, device=device)).any(1)
-    texts = processor.tokenizer.batch_decode(
+    texts = tok.batch_decode(
         [row[: int(m.sum())] for row, m in zip(ids, mask)], skip_special_tokens=True)
     return {"prompt": prompt, "completion_ids": ids, "completion_mask": mask, "texts": texts,
             "truncated": ~ended}

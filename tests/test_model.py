@@ -97,6 +97,22 @@ def test_sampling_groups_and_logprobs_match_generation(tiny, batch):
     assert torch.allclose(got * g_mask, want * g_mask, atol=1e-4)
 
 
+def test_sampling_never_emits_a_vision_placeholder(batch):
+    # make <|image_pad|> the likeliest next token everywhere: unsuppressed, a completion would hold
+    # image tokens without image features, and scoring it would fail (the CI failure of session 9)
+    model, processor = M.load("tiny")
+    pad = processor.image_token_id
+    with torch.no_grad():
+        model.get_output_embeddings().weight[pad] *= 200.0
+    images, questions, _ = batch
+    torch.manual_seed(0)
+    out = M.sample(model, processor, images[:2], questions[:2], group_size=2, max_new_tokens=8)
+    vision = processor.tokenizer.convert_tokens_to_ids(["<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"])
+    assert pad in vision and not torch.isin(out["completion_ids"], torch.tensor(vision)).any()
+    with torch.no_grad():
+        M.completion_logprobs(model, out["prompt"], out["completion_ids"], out["completion_mask"])
+
+
 def test_save_then_load_through_the_checkpoint_path(tiny, batch, tmp_path):
     model, processor = tiny
     M.save(model, processor, str(tmp_path))
