@@ -39,8 +39,8 @@ from transformers.image_utils import SizeDict
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil, smart_resize
 
 SYSTEM_PROMPT = "Reason in <think> naming each region you check with its box, then answer in <answer>."
-SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
-           "<|image_pad|>", "<|video_pad|>"]
+VISION_TOKENS = ["<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]  # never in a completion
+SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", *VISION_TOKENS]
 TAGS = ["<think>", "</think>", "<answer>", "</answer>"]  # plain added tokens: they survive decoding
 CHAT_TEMPLATE = (  # Qwen's ChatML, reduced to what we use: text and image parts
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n"
@@ -99,7 +99,7 @@ def build_tiny_tokenizer(vocab_size=1024, n_texts=800):
     tok.add_tokens(TAGS)
     # each anatomical region name is ONE token (with and without a space before it): sequences get
     # ~15% shorter, and finding an option's letter in the question is matching one token, not
-    # four ("left" "upper" "lung" "zone"). Measured: single-choice accuracy 0.40 -> 0.48-0.50 (README)
+    # four ("left" "upper" "lung" "zone"). Single runs: single-choice 0.40 -> 0.48-0.50 (README)
     tok.add_tokens([AddedToken(w, normalized=False) for r in data.REGIONS for w in (" " + r, r)])
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=None, eos_token="<|im_end|>",
                                    pad_token="<|endoftext|>", padding_side="left")
@@ -481,7 +481,7 @@ def sample(model, processor, images, questions, group_size=1, max_new_tokens=160
     # <|image_pad|> there as an image token with no image feature and fail (a random-init model
     # does sample them). Suppressed, they get probability 0 here and ~0 in a trained model anyway.
     tok = processor.tokenizer
-    vision = [tok.convert_tokens_to_ids(t) for t in SPECIAL if "vision" in t or "_pad" in t]
+    vision = [tok.convert_tokens_to_ids(t) for t in VISION_TOKENS]
     out = model.generate(**prompt, max_new_tokens=max_new_tokens, use_cache=True,
                          pad_token_id=tok.pad_token_id, eos_token_id=end,
                          suppress_tokens=[i for i in vision if i not in (None, tok.unk_token_id)], **knobs)
