@@ -154,9 +154,9 @@ def policy_loss(logp, old_logp, adv, mask, cfg, norm, ref_logp=None):
     optional k3 KL (Schulman's unbiased, positive estimator of KL(pi || pi_ref)).
 
     logp, old_logp, ref_logp, mask [n, T]; adv [n] (or [n, T]: --credit span). Returns (loss,
-    stats) where loss is this micro-batch's SHARE of the rollout's loss: `norm` is computed over the whole rollout
-    (total tokens, total sequences, ...), so summing micro-batch losses gives the same gradient
-    whatever the micro-batch size.
+    stats) where loss is this micro-batch's SHARE of the rollout's loss: `norm` is computed over
+    the whole rollout (total tokens, total sequences, ...), so summing micro-batch losses gives
+    the same gradient whatever the micro-batch size.
     """
     ratio = torch.exp(logp - old_logp)                                  # [n, T]  rho_t
     a = adv if adv.dim() == 2 else adv.unsqueeze(1)                     # [n, T] per token, or [n, 1] per sequence
@@ -272,7 +272,7 @@ def main(cfg):
     weights = {"format": cfg.w_format, "answer": cfg.w_answer, "grounding": cfg.w_grounding, "iou": cfg.w_iou}
     opt = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=cfg.lr, betas=(0.9, 0.99), weight_decay=cfg.weight_decay)
     B, G = cfg.prompts, cfg.group_size
-    is_digit = digit_tokens(processor.tokenizer)                 # [V], for --credit span
+    is_digit = digit_tokens(processor.tokenizer) if cfg.credit == "span" else None   # [V]
     print(f"{cfg.init}: {sum(p.numel() for p in policy.parameters()):,} parameters; {B} prompts x {G} "
           f"completions per step; reward weights {weights}")
     start, order, bad = 0, [], 0
@@ -306,9 +306,10 @@ def main(cfg):
         rewards = torch.tensor([s["total"] for s in scores], device=device)      # [N]
 
         # ---- 3. advantage: relative to the group
-        adv = advantages(rewards, G, cfg.adv_norm)                               # [N]
-        if cfg.credit == "span":                                                 # [N, T]: per reward, per span
+        if cfg.credit == "span":        # [N, T]: each reward credited to the tokens that decide it
             adv = span_advantages(scores, roll["completion_ids"], is_digit, weights, G, cfg.adv_norm)
+        else:                           # [N]: one advantage per completion (GRPO)
+            adv = advantages(rewards, G, cfg.adv_norm)
         t2 = time.time()
 
         # ---- 4. log-probs of the rollout under pi_old (and pi_ref), before any update
