@@ -371,7 +371,7 @@ def main(cfg):
               f"+ score {t[1]:.2f} + reference {t[2]:.2f} + train {t[3]:.2f}")
     if master:
         M.save(policy, processor, cfg.out, into=True)
-        print(f"saved {cfg.out} after {time.time() - t_start:.0f} s")
+        print(f"saved {cfg.out} after {time.time() - t_start:.0f} s{M.peak_memory(device)}")
 
 
 if __name__ == "__main__":

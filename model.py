@@ -78,6 +78,13 @@ def pick_device(name="auto"):
     return device, dtype
 
 
+def peak_memory(device):
+    """', peak GPU memory X GiB' on CUDA (the README's memory table is these figures), else ''."""
+    if device.type != "cuda":
+        return ""
+    return f", peak GPU memory {torch.cuda.max_memory_allocated(device) / 2**30:.1f} GiB"
+
+
 # ----------------------------------------------------------------------------- building and loading
 @functools.lru_cache(maxsize=1)
 def build_tiny_tokenizer(vocab_size=1024, n_texts=800):

@@ -304,7 +304,7 @@ def main(cfg):
     M.ddp_check_in_sync(model)
     if master:
         M.save(model, processor, cfg.out, into=True)
-        print(f"saved {cfg.out} after {time.time() - t0:.0f} s")
+        print(f"saved {cfg.out} after {time.time() - t0:.0f} s{M.peak_memory(device)}")
 
 
 if __name__ == "__main__":
