@@ -60,7 +60,7 @@ class GRPOConfig(M.MemoryFlags, data.DataFlags):
     eps_high: float = 0.28         # clip rho above at 1 + eps_high (DAPO's clip-higher keeps exploring)
     beta: float = 0.0              # k3 KL penalty weight against the frozen init (0: no reference model loaded)
     adv_norm: str = "batch"        # advantage scale: 'group' std (GRPO), 'batch' std, or 'none' (Dr. GRPO)
-    credit: str = "sequence"       # 'sequence': one advantage for all tokens (GRPO); 'span': box digits get the box rewards', the rest the text rewards'
+    credit: str = "sequence"       # 'sequence': one advantage for all tokens (GRPO); 'span': box digits get the box rewards', the rest the text rewards'; 'coord': each coordinate's digits its own error's
     loss_agg: str = "token"        # 'seq' mean per sequence (GRPO), 'token' mean over batch (DAPO), 'constant' (Dr. GRPO)
     drop_truncated: bool = False   # give completions that hit max_new_tokens no gradient
     w_format: float = 0.25         # reward weight: well-formed <think>/<answer> with a box
@@ -89,7 +89,7 @@ def check(cfg):
            (cfg.temperature > 0 and 0 < cfg.top_p <= 1, "--temperature must be > 0 and --top-p in (0, 1]"),
            (cfg.adv_norm in ("group", "batch", "none"), "--adv-norm must be group, batch or none"),
            (cfg.loss_agg in ("seq", "token", "constant"), "--loss-agg must be seq, token or constant"),
-           (cfg.credit in ("sequence", "span"), "--credit must be sequence or span"),
+           (cfg.credit in ("sequence", "span", "coord"), "--credit must be sequence, span or coord"),
            (min(cfg.w_format, cfg.w_answer, cfg.w_grounding, cfg.w_iou) >= 0 and
             cfg.w_format + cfg.w_answer + cfg.w_grounding + cfg.w_iou > 0, "reward weights must be >= 0, not all 0"),
            (cfg.max_new_tokens >= 1 and cfg.warmup_steps >= 1 and cfg.grad_clip > 0,
@@ -149,11 +149,44 @@ def span_advantages(scores, ids, is_digit, weights, group_size, norm="group"):
     return torch.where(digit, a_box.unsqueeze(1), a_text.unsqueeze(1))  # [N, T]
 
 
+def coord_advantages(scores, texts, refs, ids, is_digit, weights, group_size, norm="group"):
+    """--credit coord: as span for the text, but each box COORDINATE's digits get its own
+    group-relative advantage: how much closer to the reference this completion wrote it than
+    the group's other completions wrote the same coordinate of the same region, in pixels:
+    A = (w_grounding + w_iou) (mean_group(err) - err) / (std_group(err) + 1 px). A box's IoU
+    mixes four coordinates and a completion's IoU several boxes; one number's own error is the
+    least noisy credit a digit can get. Digits of unmatched boxes (a region the reference does
+    not box) get 0. texts [N] decoded completions, refs [B] reference responses. Returns [N, T].
+    """
+    adv = span_advantages(scores, ids, is_digit, weights, group_size, norm)        # [N, T]
+    digit = is_digit.to(ids.device)[ids]                                          # [N, T]
+    adv = adv.masked_fill(digit, 0.0)
+    errs = [reward.coordinate_errors(t, refs[i // group_size]) for i, t in enumerate(texts)]
+    same = {}                                          # (prompt, region, coordinate) -> the group's errors
+    for i, e in enumerate(errs):
+        for x in filter(None, e):
+            same.setdefault((i // group_size, x[0], x[1]), []).append(x[2])
+    w = weights["grounding"] + weights["iou"]
+    for i, e in enumerate(errs):
+        d = digit[i].tolist()
+        runs = [t for t in range(len(d)) if d[t] and (t == 0 or not d[t - 1])]   # first token of each number
+        if len(runs) != len(e):                        # tokens and text disagree: no box credit here
+            continue
+        for t, x in zip(runs, e):
+            v = torch.tensor(same[(i // group_size, x[0], x[1])]) if x else None
+            if v is not None and len(v) > 1:
+                end = t + 1
+                while end < len(d) and d[end]:
+                    end += 1
+                adv[i, t:end] = w * (v.mean() - x[2]) / (v.std() + 1.0)
+    return adv
+
+
 def policy_loss(logp, old_logp, adv, mask, cfg, norm, ref_logp=None):
     """The clipped surrogate (PPO, arXiv 1707.06347 eq. 7) with GRPO's per-token advantage and
     optional k3 KL (Schulman's unbiased, positive estimator of KL(pi || pi_ref)).
 
-    logp, old_logp, ref_logp, mask [n, T]; adv [n] (or [n, T]: --credit span). Returns (loss,
+    logp, old_logp, ref_logp, mask [n, T]; adv [n] (or [n, T]: --credit span / coord). Returns (loss,
     stats) where loss is this micro-batch's SHARE of the rollout's loss: `norm` is computed over
     the whole rollout (total tokens, total sequences, ...), so summing micro-batch losses gives
     the same gradient whatever the micro-batch size.
@@ -272,7 +305,7 @@ def main(cfg):
     weights = {"format": cfg.w_format, "answer": cfg.w_answer, "grounding": cfg.w_grounding, "iou": cfg.w_iou}
     opt = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=cfg.lr, betas=(0.9, 0.99), weight_decay=cfg.weight_decay)
     B, G = cfg.prompts, cfg.group_size
-    is_digit = digit_tokens(processor.tokenizer) if cfg.credit == "span" else None   # [V]
+    is_digit = digit_tokens(processor.tokenizer) if cfg.credit != "sequence" else None   # [V]
     print(f"{cfg.init}: {sum(p.numel() for p in policy.parameters()):,} parameters; {B} prompts x {G} "
           f"completions per step; reward weights {weights}")
     start, order, bad = 0, [], 0
@@ -308,6 +341,9 @@ def main(cfg):
         # ---- 3. advantage: relative to the group
         if cfg.credit == "span":        # [N, T]: each reward credited to the tokens that decide it
             adv = span_advantages(scores, roll["completion_ids"], is_digit, weights, G, cfg.adv_norm)
+        elif cfg.credit == "coord":     # [N, T]: and each coordinate's digits to its own error
+            adv = coord_advantages(scores, roll["texts"], rows["response"], roll["completion_ids"], is_digit,
+                                   weights, G, cfg.adv_norm)
         else:                           # [N]: one advantage per completion (GRPO)
             adv = advantages(rewards, G, cfg.adv_norm)
         t2 = time.time()

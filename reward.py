@@ -140,6 +140,26 @@ def grounding_scores(pred, ref):
     return grounding, min(total / max(len(pred), len(ref)), 1.0)
 
 
+def coordinate_errors(completion, reference):
+    """Per number in `completion`, in order of writing: (region, c, |pred_c - ref_c|) when it is
+    coordinate c (0..3) of a box whose region the reference also boxes, else None. For grpo.py's
+    --credit coord, which credits each coordinate's digits with its own error. Never raises."""
+    if not isinstance(completion, str) or not isinstance(reference, str):
+        return []
+    ref = {}
+    for region, box in parse(reference).boxes:
+        ref.setdefault(region, box)
+    starts = {m.start(): i for i, m in enumerate(re.finditer(r"\d+", completion))}
+    out = [None] * len(starts)
+    for m in BOX.finditer(completion):
+        region = _region_before(completion, m.start())
+        for c in range(4) if region in ref else ():
+            i = starts.get(m.start(c + 1) + m.group(c + 1).startswith("-"))
+            if i is not None:
+                out[i] = (region, c, abs(float(m.group(c + 1)) - ref[region][c]))
+    return out
+
+
 # ----------------------------------------------------------------------------- answers
 def normalise(text):
     """Lowercase words only, no leading article: 'The Left lower-lung zone.' -> 'left lower lung zone'."""

@@ -56,6 +56,37 @@ def test_span_credit_by_hand():
     assert torch.allclose(logp.grad, -a / ids.numel())
 
 
+def test_coordinate_credit_by_hand():
+    # one group of 2 against a reference box [60, 70, 95, 95]: completion 0 writes [62, 70, 90, 95]
+    # (errors 2, 0, 5, 0), completion 1 [58, 72, 95, 99] (errors 2, 2, 0, 4) and a box for a
+    # region the reference does not have
+    tok = M.build_tiny_tokenizer()
+    is_digit = grpo.digit_tokens(tok)
+    ref = "<think>The left lower lung zone [60, 70, 95, 95] is clear.</think><answer>no</answer>"
+    texts = ["<think>The left lower lung zone [62, 70, 90, 95] is clear.</think><answer>no</answer>",
+             "<think>The left lower lung zone [58, 72, 95, 99] is clear. The cardiac silhouette [1, 2, 3, 4] "
+             "is clear.</think><answer>yes</answer>"]
+    rows = [tok(t, add_special_tokens=False)["input_ids"] for t in texts]
+    T = max(map(len, rows))
+    ids = torch.tensor([r + [tok.pad_token_id] * (T - len(r)) for r in rows])
+    scores = [{"format": 1, "answer": 1, "grounding": 0, "iou": 0.5}, {"format": 1, "answer": 0, "grounding": 0, "iou": 0.4}]
+    w = {"format": 0.25, "answer": 1.0, "grounding": 1.0, "iou": 0.5}
+    a = grpo.coord_advantages(scores, texts, [ref], ids, is_digit, w, 2, "none")
+    digit = is_digit[ids]
+    # per coordinate: 1.5 * (mean - err) / (std + 1), std unbiased: coordinate 0 ties -> 0;
+    # errors (0, 2) -> +-1.5 / (1 + sqrt 2); (5, 0) -> -+1.5 * 2.5 / (1 + sqrt 12.5); (0, 4) -> +-1.5 * 2 / (1 + sqrt 8)
+    c1, c2, c3 = 1.5 / (1 + 2 ** 0.5), 1.5 * 2.5 / (1 + 12.5 ** 0.5), 1.5 * 2 / (1 + 8 ** 0.5)
+    per_number = torch.tensor([[0, c1, -c2, c3], [0, -c1, c2, -c3]]).repeat_interleave(2, 1)   # 2 digits each
+    assert torch.allclose(a[0][digit[0]], per_number[0], atol=1e-5)
+    assert torch.allclose(a[1][digit[1]][:8], per_number[1], atol=1e-5)
+    assert (a[1][digit[1]][8:] == 0).all()       # the cardiac silhouette's box: no reference box, no credit
+    # every other token: the text rewards' group-relative advantage, 1.25 vs 0.25 -> +-0.5
+    assert (a[0][~digit[0]] == 0.5).all() and (a[1][~digit[1]] == -0.5).all()
+    # text that does not match its tokens (here: one number too few) gets no box credit at all
+    b = grpo.coord_advantages(scores, [texts[0], texts[1][:40]], [ref], ids, is_digit, w, 2, "none")
+    assert (b[1][digit[1]] == 0).all()
+
+
 # ----------------------------------------------------------------------------- the clipped loss
 def _loss(logp, old, adv, mask, ref=None, **kw):
     cfg = replace(CFG, **kw)

@@ -31,6 +31,8 @@ def test_every_component_is_a_float_in_unit_interval(text, qtype, frame):
         assert isinstance(v, float) and 0.0 <= v <= 1.0, (k, v)
     reward.parse(text)                     # the parser alone is total too
     reward.score(REF, text, qtype)         # and an adversarial *reference* does not break it
+    for e in reward.coordinate_errors(text, REF) + reward.coordinate_errors(REF, text):   # grpo.py --credit coord
+        assert e is None or (isinstance(e[0], str) and e[1] in range(4) and 0.0 <= e[2] < float("inf")), e
 
 
 @settings(max_examples=200, deadline=None)
