@@ -12,7 +12,7 @@ import data
 import grpo
 import model as M
 
-CFG = grpo.GRPOConfig()
+CFG = grpo.GRPOConfig(beta=0.0)   # the loss tests add the KL term only where they test it (default 0.3)
 
 
 # ----------------------------------------------------------------------------- advantages
@@ -196,7 +196,7 @@ def test_bad_flags_are_named():
                         ({"loss_agg": "sum"}, "--loss-agg"), ({"w_answer": -1.0}, "weights"), ({"top_p": 0.0}, "--top-p")):
         with pytest.raises(SystemExit, match=word):
             grpo.check(replace(CFG, **flags))
-    grpo.check(CFG)                                               # the defaults are fine
+    grpo.check(grpo.GRPOConfig())                                 # the defaults are fine
     # and from the command line: one line, non-zero exit, no traceback
     r = subprocess.run([sys.executable, "grpo.py", "--group-size", "1"], capture_output=True, text=True)
     assert r.returncode != 0 and "--group-size" in r.stderr and "Traceback" not in r.stderr
