@@ -70,6 +70,7 @@ class GRPOConfig(M.MemoryFlags, data.DataFlags):
     w_grounding: float = 1.0       # reward weight: the paper's rule (box count equal and mean IoU > 0.75)
     w_iou: float = 0.5             # reward weight: dense matched IoU
     train_size: int = 8000         # training prompts (a prefix of the train split)
+    types: str = ""                # practise only these question types, comma-separated ('' = all four)
     eval_every: int = 50           # greedy validation every this many steps (0: only at the end)
     eval_n: int = 64               # validation samples per evaluation
     show_every: int = 50           # print a few sampled completions every this many steps
@@ -92,6 +93,8 @@ def check(cfg):
            (cfg.adv_norm in ("group", "batch", "none"), "--adv-norm must be group, batch or none"),
            (cfg.loss_agg in ("seq", "token", "constant"), "--loss-agg must be seq, token or constant"),
            (cfg.credit in ("sequence", "span", "coord"), "--credit must be sequence, span or coord"),
+           (all(t in data.QUESTION_TYPES for t in cfg.types.split(",")) if cfg.types else True,
+            f"--types must be comma-separated names from {', '.join(data.QUESTION_TYPES)}"),
            (min(cfg.w_format, cfg.w_answer, cfg.w_grounding, cfg.w_iou) >= 0 and
             cfg.w_format + cfg.w_answer + cfg.w_grounding + cfg.w_iou > 0, "reward weights must be >= 0, not all 0"),
            (cfg.max_new_tokens >= 1 and cfg.warmup_steps >= 1 and cfg.grad_clip > 0,
@@ -303,6 +306,8 @@ def main(cfg):
         ref.eval().requires_grad_(False)
     frame = M.image_frame(processor, data.GEMEX_FRAME)           # gemex boxes move 224 -> the frame the model sees
     train = data.load("train", cfg.train_size, cfg, frame)
+    if cfg.types:                  # a curriculum: RL where SFT left headroom (evaluation still sees all types)
+        train = train.filter(lambda q: q in cfg.types.split(","), input_columns="question_type")
     val = data.load("validation", None, cfg, frame)[: cfg.eval_n]
     weights = {"format": cfg.w_format, "answer": cfg.w_answer, "grounding": cfg.w_grounding, "iou": cfg.w_iou}
     opt = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=cfg.lr, betas=(0.9, 0.99), weight_decay=cfg.weight_decay)

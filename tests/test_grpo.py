@@ -193,7 +193,8 @@ def test_micro_batches_cut_pixel_values_by_row():
 # ----------------------------------------------------------------------------- the script
 def test_bad_flags_are_named():
     for flags, word in (({"group_size": 1}, "--group-size"), ({"lr": -1.0}, "--lr"), ({"eps_low": 1.5}, "--eps-low"),
-                        ({"loss_agg": "sum"}, "--loss-agg"), ({"w_answer": -1.0}, "weights"), ({"top_p": 0.0}, "--top-p")):
+                        ({"loss_agg": "sum"}, "--loss-agg"), ({"w_answer": -1.0}, "weights"), ({"top_p": 0.0}, "--top-p"),
+                        ({"types": "yes_no"}, "--types"), ({"credit": "box"}, "--credit")):
         with pytest.raises(SystemExit, match=word):
             grpo.check(replace(CFG, **flags))
     grpo.check(grpo.GRPOConfig())                                 # the defaults are fine
