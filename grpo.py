@@ -308,6 +308,8 @@ def main(cfg):
     train = data.load("train", cfg.train_size, cfg, frame)
     if cfg.types:                  # a curriculum: RL where SFT left headroom (evaluation still sees all types)
         train = train.filter(lambda q: q in cfg.types.split(","), input_columns="question_type")
+        if len(train) < cfg.prompts:
+            raise SystemExit(f"grpo.py: --types {cfg.types} leaves {len(train)} training prompts, fewer than --prompts {cfg.prompts}")
     val = data.load("validation", None, cfg, frame)[: cfg.eval_n]
     weights = {"format": cfg.w_format, "answer": cfg.w_answer, "grounding": cfg.w_grounding, "iou": cfg.w_iou}
     opt = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=cfg.lr, betas=(0.9, 0.99), weight_decay=cfg.weight_decay)

@@ -191,7 +191,7 @@ def test_micro_batches_cut_pixel_values_by_row():
 
 
 # ----------------------------------------------------------------------------- the script
-def test_bad_flags_are_named():
+def test_bad_flags_are_named(tmp_path):
     for flags, word in (({"group_size": 1}, "--group-size"), ({"lr": -1.0}, "--lr"), ({"eps_low": 1.5}, "--eps-low"),
                         ({"loss_agg": "sum"}, "--loss-agg"), ({"w_answer": -1.0}, "weights"), ({"top_p": 0.0}, "--top-p"),
                         ({"types": "yes_no"}, "--types"), ({"credit": "box"}, "--credit")):
@@ -199,6 +199,9 @@ def test_bad_flags_are_named():
             grpo.check(replace(CFG, **flags))
     grpo.check(grpo.GRPOConfig())                                 # the defaults are fine
     # and from the command line: one line, non-zero exit, no traceback
+    r = subprocess.run([sys.executable, "grpo.py", "--init", "tiny", "--types", "closed_ended_questions",
+                        "--train-size", "8", "--out", str(tmp_path / "o")], capture_output=True, text=True)
+    assert r.returncode != 0 and "leaves 2 training prompts" in r.stderr and "Traceback" not in r.stderr
     r = subprocess.run([sys.executable, "grpo.py", "--group-size", "1"], capture_output=True, text=True)
     assert r.returncode != 0 and "--group-size" in r.stderr and "Traceback" not in r.stderr
 
