@@ -112,21 +112,28 @@ def build_tiny_tokenizer(vocab_size=1024, n_texts=800):
                                    pad_token="<|endoftext|>", padding_side="left")
 
 
+def token_ids(tokenizer):
+    """The special-token ids a Qwen2.5-VL config needs, read from `tokenizer`: (ids for the text
+    config and the GenerationConfig, ids for the top-level config). Shared by build_tiny and
+    tests/random_3b.py, so every checkpoint this project writes is wired the same way."""
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL}
+    text = dict(bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"])
+    vision = dict(image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
+                  vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"])
+    return text, vision
+
+
 def build_tiny(seed=0):
     """Random-init tiny Qwen2.5-VL and its processor, entirely offline."""
     tokenizer = build_tiny_tokenizer()
-    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL}
+    text_ids, vision_ids = token_ids(tokenizer)
     config = Qwen2_5_VLConfig(
-        text_config=dict(TINY_TEXT, vocab_size=len(tokenizer), bos_token_id=ids["<|endoftext|>"],
-                         eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"]),
+        text_config=dict(TINY_TEXT, vocab_size=len(tokenizer), **text_ids),
         vision_config=dict(TINY_VISION, out_hidden_size=TINY_TEXT["hidden_size"]),
-        image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
-        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
-        tie_word_embeddings=True)
+        **vision_ids, tie_word_embeddings=True)
     torch.manual_seed(seed)
     model = Qwen2_5_VLForConditionalGeneration(config)
-    model.generation_config = GenerationConfig(
-        bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"])
+    model.generation_config = GenerationConfig(**text_ids)
     image_processor = Qwen2VLImageProcessorPil(
         patch_size=14, merge_size=2, temporal_patch_size=2, min_pixels=TINY_PIXELS, max_pixels=TINY_PIXELS)
     return model, ImageOnlyProcessor(image_processor, tokenizer, chat_template=CHAT_TEMPLATE)

@@ -107,7 +107,7 @@ def test_sampling_never_emits_a_vision_placeholder(batch):
     images, questions, _ = batch
     torch.manual_seed(0)
     out = M.sample(model, processor, images[:2], questions[:2], group_size=2, max_new_tokens=8)
-    vision = processor.tokenizer.convert_tokens_to_ids(["<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"])
+    vision = processor.tokenizer.convert_tokens_to_ids(M.VISION_TOKENS)
     assert pad in vision and not torch.isin(out["completion_ids"], torch.tensor(vision)).any()
     with torch.no_grad():
         M.completion_logprobs(model, out["prompt"], out["completion_ids"], out["completion_mask"])
