@@ -171,19 +171,18 @@ def coord_advantages(scores, texts, refs, ids, is_digit, weights, group_size, no
     for i, e in enumerate(errs):
         for x in filter(None, e):
             same.setdefault((i // group_size, x[0], x[1]), []).append(x[2])
+    stats = {k: (torch.tensor(v).mean(), torch.tensor(v).std()) for k, v in same.items() if len(v) > 1}
     w = weights["grounding"] + weights["iou"]
     for i, e in enumerate(errs):
-        d = digit[i].tolist()
-        runs = [t for t in range(len(d)) if d[t] and (t == 0 or not d[t - 1])]   # first token of each number
-        if len(runs) != len(e):                        # tokens and text disagree: no box credit here
+        d = digit[i].tolist() + [False]
+        starts = [t for t in range(len(d) - 1) if d[t] and (t == 0 or not d[t - 1])]   # each number's digits:
+        ends = [t + 1 for t in range(len(d) - 1) if d[t] and not d[t + 1]]              # tokens starts[k]:ends[k]
+        if len(starts) != len(e):                      # tokens and text disagree: no box credit here
             continue
-        for t, x in zip(runs, e):
-            v = torch.tensor(same[(i // group_size, x[0], x[1])]) if x else None
-            if v is not None and len(v) > 1:
-                end = t + 1
-                while end < len(d) and d[end]:
-                    end += 1
-                adv[i, t:end] = w * (v.mean() - x[2]) / (v.std() + 1.0)
+        for t0, t1, x in zip(starts, ends, e):
+            if x and (i // group_size, x[0], x[1]) in stats:
+                mean, std = stats[(i // group_size, x[0], x[1])]
+                adv[i, t0:t1] = w * (mean - x[2]) / (std + 1.0)
     return adv
 
 
@@ -307,7 +306,8 @@ def main(cfg):
     frame = M.image_frame(processor, data.GEMEX_FRAME)           # gemex boxes move 224 -> the frame the model sees
     train = data.load("train", cfg.train_size, cfg, frame)
     if cfg.types:                  # a curriculum: RL where SFT left headroom (evaluation still sees all types)
-        train = train.filter(lambda q: q in cfg.types.split(","), input_columns="question_type")
+        keep = set(cfg.types.split(","))
+        train = train.filter(lambda q: q in keep, input_columns="question_type")
         if len(train) < cfg.prompts:
             raise SystemExit(f"grpo.py: --types {cfg.types} leaves {len(train)} training prompts, fewer than --prompts {cfg.prompts}")
     val = data.load("validation", None, cfg, frame)[: cfg.eval_n]
