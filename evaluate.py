@@ -48,12 +48,14 @@ class EvalConfig(data.DataFlags):
     split: str = "test"              # 'test' or 'validation'
     n: int = 1000                    # samples evaluated (a prefix of the split: the same for every checkpoint)
     batch_size: int = 100            # prompts per generate call
-    max_new_tokens: int = 160        # generation budget per answer
+    max_new_tokens: int = 0          # generation budget per answer (0: sized from the data, 1.25x the references' 99th percentile, >= 160)
     json: str = ""                   # also write the numbers to this JSON file
     gallery: str = "gallery.png"     # PNG gallery of a few samples per checkpoint ('' to skip)
     curves: str = ""                 # PNG of the training curves in each checkpoint's metrics.jsonl ('' to skip)
     bootstrap: int = 2000            # paired-bootstrap resamples for the confidence intervals
     device: str = "auto"             # 'auto' (CUDA if available), 'cpu' or 'cuda'
+    dtype: str = "auto"              # weights: 'auto' (bfloat16 on a GPU with native bf16, else float32), float32 or bfloat16
+    predictions: str = ""            # also write one JSON line per sample and checkpoint to this file (for a judge run afterwards)
 
 
 def check(cfg):
@@ -62,8 +64,9 @@ def check(cfg):
     for ok, msg in ((cfg.split in ("test", "validation"), "--split must be test or validation"),
                     *data.DataFlags.problems(cfg),
                     (cfg.n >= 1 and (cfg.data != "synthetic" or cfg.n <= size), f"--n must be in 1..{size}"),
-                    (cfg.batch_size >= 1 and cfg.max_new_tokens >= 1 and cfg.bootstrap >= 1,
-                     "--batch-size, --max-new-tokens and --bootstrap must be >= 1")):
+                    (cfg.batch_size >= 1 and cfg.max_new_tokens >= 0 and cfg.bootstrap >= 1,
+                     "--batch-size and --bootstrap must be >= 1, --max-new-tokens >= 0"),
+                    (cfg.dtype in ("auto", "float32", "bfloat16"), "--dtype must be auto, float32 or bfloat16")):
         if not ok:
             raise SystemExit(f"evaluate.py: {msg}")
 
@@ -89,10 +92,13 @@ def greedy_scores(model, processor, rows, batch_size=100, max_new_tokens=160):
 def run_checkpoint(path, cfg, device, rows=None):
     """Load a checkpoint and score it -> (per-sample records keyed like METRICS, texts, rows).
     The rows are loaded with the first checkpoint, at the frame its processor gives images."""
-    model, processor = M.load(path, device)
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}.get(cfg.dtype) or M.pick_device(str(device))[1]
+    model, processor = M.load(path, device, dtype)
     if rows is None:
         frame = M.image_frame(processor, data.GEMEX_FRAME)
         rows = data.load(cfg.split, cfg.n, cfg, frame)[:]  # dict of lists
+        if not cfg.max_new_tokens:
+            cfg.max_new_tokens = M.completion_budget(processor, rows["response"])
     scores, texts = greedy_scores(model, processor, rows, cfg.batch_size, cfg.max_new_tokens)
     records = [{"format_rate": s["format"], "accuracy": s["answer"], "mean_iou": s["iou"],
                 "iou50_rate": float(s["iou"] >= 0.5), "grounding_rate": s["grounding"],
@@ -138,6 +144,20 @@ def majority_baseline(rows):
 
 
 # ----------------------------------------------------------------------------- report
+def write_predictions(path, checkpoints, records, texts, rows):
+    """One JSON line per (checkpoint, sample): what was asked, the reference, the completion and
+    every reward component, so that any judge (an LLM, a radiologist) can score it afterwards."""
+    with open(path, "w") as f:
+        for c, recs, outs in zip(checkpoints, records, texts):
+            for i, (r, text) in enumerate(zip(recs, outs)):
+                f.write(json.dumps({"checkpoint": c, "image_path": rows["image_path"][i], "question": rows["question"][i],
+                                    "question_type": rows["question_type"][i], "reference": rows["response"][i],
+                                    "completion": text, "format": r["format_rate"], "answer": r["accuracy"],
+                                    "grounding": r["grounding_rate"], "iou": r["mean_iou"],
+                                    "consistency": r["consistency_rate"], "length": r["mean_length"]}) + "\n")
+    print(f"wrote {path}: {sum(map(len, records))} predictions")
+
+
 def print_table(summaries, baseline):
     short = {t: t.split("_")[0] for t in data.QUESTION_TYPES}
     cols = METRICS + [f"acc_{short[t]}" for t in data.QUESTION_TYPES]
@@ -153,6 +173,7 @@ def print_table(summaries, baseline):
 def gallery(path, rows, names, all_texts, k=4, per_row=2):
     """k samples per checkpoint, two to a row: the image with reference (green) and predicted
     (red) boxes, then the question, the model's reasoning and answer, and the reference answer."""
+    k = min(k, len(rows["question"]))                 # --n below k: show what there is
     scale, text_w = 3, 430
     tile = rows["image"][0].height * scale
     cell_w, cell_h = tile + text_w, tile + 6
@@ -224,6 +245,8 @@ def main(cfg, checkpoints):
             up, down = ("longer", "shorter") if m == "mean_length" else ("better", "worse")  # length has no good side
             verdict = up if v["lo"] > 0 else down if v["hi"] < 0 else "no clear difference"
             print(f"  {m:<16} {v['diff']:+8.3f}  [{v['lo']:+.3f}, {v['hi']:+.3f}]  {verdict}")
+    if cfg.predictions:
+        write_predictions(cfg.predictions, checkpoints, records, texts, rows)
     if cfg.json:
         result = summaries[0] if len(summaries) == 1 else {"checkpoints": summaries, "paired": paired}
         json.dump(result, open(cfg.json, "w"), indent=2)

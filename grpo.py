@@ -1,9 +1,16 @@
-"""grpo.py -- Stage 2: Group Relative Policy Optimisation, from scratch, on ThinkVG.
+"""grpo.py -- Stage 2: GRPO from scratch, practising on every labelled question (the cold start's RL).
 
 Start from the SFT model and let it practise: for each question sample a GROUP of G answers,
 score each with verifiable rewards (format, answer, grounding IoU: reward.py), and push up the
 log-probability of the answers that beat their own group's average. No value network, no
 judge: the group is the baseline (DeepSeekMath, arXiv 2402.03300, Sec. 4.1).
+
+The regime is the cold start: sft.py saw the reasoning traces of one eighth of the training
+images; here the model practises on ALL 8000 training questions. A question's reference
+response is only used to score completions (its answer and its boxes are the labels), never as
+a target, so RL needs labels, not traces (GEMeX: labels for 1.6M questions, checked traces for
+one eighth of them). The plain GRPO of the paper is one flag set away:
+    python grpo.py --credit sequence --adv-norm group --loss-agg seq --out runs/grpo_plain
 
     python grpo.py                                   # from runs/sft to runs/grpo, CPU: see README
     python evaluate.py --checkpoint runs/sft runs/grpo
@@ -49,9 +56,9 @@ class GRPOConfig(M.MemoryFlags, data.DataFlags):
     max_steps: int = 350           # GRPO steps (one rollout each): ~15 min on 2 CPU cores
     prompts: int = 8               # B: prompts per step
     group_size: int = 8            # G: completions sampled per prompt (>= 2: the group is the baseline)
-    temperature: float = 0.7       # sampling temperature of the rollouts
+    temperature: float = 0.7       # sampling temperature of the rollouts (and of the log-probs that score them)
     top_p: float = 1.0             # nucleus sampling of the rollouts (1.0 = off)
-    max_new_tokens: int = 160      # rollout length budget; longer completions are truncated
+    max_new_tokens: int = 0        # rollout length budget (0: sized from the data, 1.25x the references' 99th percentile, >= 160)
     mu: int = 1                    # optimisation passes over each rollout (mu > 1 reuses it: the ratio matters)
     micro_batch: int = 32          # sequences per forward/backward (does not change the result, only memory)
     lr: float = 1e-4               # AdamW learning rate (constant after warm-up; with sequence credit 1e-4 drifts away from SFT)
@@ -69,7 +76,7 @@ class GRPOConfig(M.MemoryFlags, data.DataFlags):
     w_answer: float = 1.0          # reward weight: exact answer check
     w_grounding: float = 1.0       # reward weight: the paper's rule (box count equal and mean IoU > 0.75)
     w_iou: float = 0.5             # reward weight: dense matched IoU
-    train_size: int = 8000         # training prompts (a prefix of the train split)
+    train_size: int = 8000         # training questions (a prefix of the train split): all 8000, 7/8 of them unseen by sft.py
     types: str = ""                # practise only these question types, comma-separated ('' = all four)
     eval_every: int = 50           # greedy validation every this many steps (0: only at the end)
     eval_n: int = 64               # validation samples per evaluation
@@ -97,8 +104,8 @@ def check(cfg):
             f"--types must be comma-separated names from {', '.join(data.QUESTION_TYPES)}"),
            (min(cfg.w_format, cfg.w_answer, cfg.w_grounding, cfg.w_iou) >= 0 and
             cfg.w_format + cfg.w_answer + cfg.w_grounding + cfg.w_iou > 0, "reward weights must be >= 0, not all 0"),
-           (cfg.max_new_tokens >= 1 and cfg.warmup_steps >= 1 and cfg.grad_clip > 0,
-            "--max-new-tokens and --warmup-steps must be >= 1, --grad-clip > 0"),
+           (cfg.max_new_tokens >= 0 and cfg.warmup_steps >= 1 and cfg.grad_clip > 0,
+            "--max-new-tokens must be >= 0, --warmup-steps >= 1, --grad-clip > 0"),
            (cfg.prompts <= cfg.train_size and (cfg.data != "synthetic" or cfg.train_size <= data.DataConfig.n_train),
             f"--train-size must be in --prompts..{data.DataConfig.n_train}"),
            *data.DataFlags.problems(cfg), *M.MemoryFlags.problems(cfg),
@@ -239,7 +246,7 @@ def accumulate_gradients(policy, roll, adv, old, ref_logp, cfg, amp=torch.float3
             policy.require_backward_grad_sync = s.start == last   # DDP: all-reduce once, after the last one
         with torch.autocast(device.type, dtype=amp, enabled=amp != torch.float32):
             logp, ent = M.completion_logprobs(policy, prompt, roll["completion_ids"][s], mask[s],
-                                              entropy=True)                              # [n, T] each
+                                              entropy=True, temperature=cfg.temperature)  # [n, T] each
         # with mu = 1, pi_old IS the current policy: rho = 1, yet d rho = rho * d log pi, not 0
         old_s = old[s] if old is not None else logp.detach()
         loss, st = policy_loss(logp, old_s, adv[s], mask[s], cfg, norm,
@@ -269,10 +276,11 @@ def micro_batches(rollout, size):
 
 
 @torch.no_grad()
-def logprobs(model, rollout, size):
-    """Completion log-probs of the whole rollout, micro-batched, without a graph: [N, T]."""
+def logprobs(model, rollout, size, temperature):
+    """Completion log-probs of the whole rollout at the sampling temperature, micro-batched,
+    without a graph: [N, T]."""
     return torch.cat([M.completion_logprobs(model, prompt, rollout["completion_ids"][s],
-                                                rollout["completion_mask"][s])
+                                                rollout["completion_mask"][s], temperature=temperature)
                           for s, prompt in micro_batches(rollout, size)])
 
 
@@ -295,14 +303,25 @@ def main(cfg):
     ckpt, state = M.open_run(cfg.out, cfg.resume)
     if master:
         json.dump(asdict(cfg), open(os.path.join(cfg.out, "run_config.json"), "w"), indent=2)
-    policy, processor = M.load(ckpt or cfg.init, device, M.weights_dtype(cfg.dtype))
+    # LoRA resumes from the init + the adapters in the checkpoint's state (bit-exact);
+    # full fine-tuning from the checkpoint's weights
+    policy, processor = M.load(cfg.init if cfg.lora_r else ckpt or cfg.init, device, M.weights_dtype(cfg.dtype))
     M.apply_memory_plan(policy, processor, cfg)
+    if state and cfg.lora_r:
+        M.load_adapters(policy, state["adapters"])
     policy.train()
     net = torch.nn.parallel.DistributedDataParallel(policy) if world > 1 else policy   # the update goes through net
     ref = None
-    if cfg.beta > 0:   # the reference is the frozen init; at beta = 0 it is never loaded (saves memory and time)
+    if cfg.beta > 0 and not cfg.lora_r:   # the reference is the frozen init; at beta = 0 it is never loaded
         ref, _ = M.load(cfg.init, device, dtype=amp)               # in bf16 on CUDA: no second fp32 copy
         ref.eval().requires_grad_(False)
+
+    def reference(roll):   # log pi_ref [N, T]; under LoRA the frozen init IS the policy with its adapters off
+        if cfg.lora_r:
+            with M.adapters_off(policy):
+                return logprobs(policy, roll, cfg.micro_batch, cfg.temperature)
+        return logprobs(ref, roll, cfg.micro_batch, cfg.temperature)
+
     frame = M.image_frame(processor, data.GEMEX_FRAME)           # gemex boxes move 224 -> the frame the model sees
     train = data.load("train", cfg.train_size, cfg, frame)
     if cfg.types:                  # a curriculum: RL where SFT left headroom (evaluation still sees all types)
@@ -311,8 +330,10 @@ def main(cfg):
         if len(train) < cfg.prompts:
             raise SystemExit(f"grpo.py: --types {cfg.types} leaves {len(train)} training prompts, fewer than --prompts {cfg.prompts}")
     val = data.load("validation", None, cfg, frame)[: cfg.eval_n]
+    if not cfg.max_new_tokens:
+        cfg.max_new_tokens = M.completion_budget(processor, train["response"])
     weights = {"format": cfg.w_format, "answer": cfg.w_answer, "grounding": cfg.w_grounding, "iou": cfg.w_iou}
-    opt = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=cfg.lr, betas=(0.9, 0.99), weight_decay=cfg.weight_decay)
+    opt = M.adamw([p for p in policy.parameters() if p.requires_grad], lr=cfg.lr, betas=(0.9, 0.99), weight_decay=cfg.weight_decay)
     B, G = cfg.prompts, cfg.group_size
     is_digit = digit_tokens(processor.tokenizer) if cfg.credit != "sequence" else None   # [V]
     print(f"{cfg.init}: {sum(p.numel() for p in policy.parameters()):,} parameters; {B} prompts x {G} "
@@ -359,8 +380,8 @@ def main(cfg):
 
         # ---- 4. log-probs of the rollout under pi_old (and pi_ref), before any update
         with torch.autocast(device.type, dtype=amp, enabled=amp != torch.float32):
-            old = logprobs(policy, roll, cfg.micro_batch) if cfg.mu > 1 else None   # [N, T]
-            ref_logp = logprobs(ref, roll, cfg.micro_batch) if ref is not None else None
+            old = logprobs(policy, roll, cfg.micro_batch, cfg.temperature) if cfg.mu > 1 else None   # [N, T]
+            ref_logp = reference(roll) if cfg.beta > 0 else None                                  # [N, T]
         t3 = time.time()
 
         # ---- 5. mu passes, one optimizer step each; micro-batches accumulate the whole rollout's gradient
@@ -406,7 +427,8 @@ def main(cfg):
 
         # ---- checkpoints: periodic and on Ctrl-C; stop on repeated non-finite updates
         if M.after_step("grpo.py", cfg, step + 1, bad, stop, policy, processor,
-                        lambda: {"optimizer": opt.state_dict(), "order": order, "rng": M.rng_state()}):
+                        lambda: {"optimizer": opt.state_dict(), "order": order, "rng": M.rng_state(),
+                                 "adapters": M.adapter_state(policy)}):
             return
 
     M.ddp_check_in_sync(policy)

@@ -24,6 +24,7 @@ import dataclasses
 import functools
 import inspect
 import json
+import math
 import os
 import random
 import re
@@ -74,8 +75,10 @@ def pick_device(name="auto"):
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(name)
-    dtype = torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
-    return device, dtype
+    # native bf16 only (Ampere and newer): is_bf16_supported() alone counts emulation, which on a
+    # T4 runs bf16 autocast slowly. fp16 is never chosen: Qwen2.5-VL's activations overflow in it.
+    native = device.type == "cuda" and torch.cuda.is_bf16_supported(including_emulation=False)
+    return device, torch.bfloat16 if native else torch.float32
 
 
 def peak_memory(device):
@@ -158,13 +161,95 @@ def load(name_or_path="tiny", device="cpu", dtype=torch.float32, seed=0):
     if cls is None:
         raise SystemExit(f"checkpoint {name_or_path}: model_type {kind!r} is not qwen2_5_vl or qwen2_vl")
     try:
-        model = cls.from_pretrained(name_or_path, dtype=dtype)
+        # straight onto the device in its dtype: a 7B checkpoint never exists in float32 on the CPU
+        model = cls.from_pretrained(name_or_path, dtype=dtype, device_map=torch.device(device))
         processor = ImageOnlyProcessor.from_pretrained(name_or_path)
     except (OSError, ValueError, RuntimeError) as e:   # missing/truncated weights, tokenizer files, ...
         raise SystemExit(f"checkpoint {name_or_path}: cannot load ({str(e).splitlines()[0][:160]})")
     processor.tokenizer.padding_side = "left"
     assert processor.tokenizer.pad_token_id is not None, f"{name_or_path}: tokenizer has no pad token"
     return model.to(device=device, dtype=dtype), processor
+
+
+# ----------------------------------------------------------------------------- LoRA (peft)
+# Full fine-tuning keeps a gradient and two AdamW moments for every weight: 16 bytes a parameter
+# in float32, 56 GiB for the 3B model before activations. LoRA (arXiv 2106.09685) freezes W and
+# trains W + (alpha / r) B A with A [r, in] and B [out, r], B starting at 0, so training starts
+# exactly at the checkpoint. The adapters are injected IN PLACE (peft.inject_adapter_in_model):
+# the model is still the same transformers object, so sample() and completion_logprobs() are the
+# code paths of full fine-tuning. Adapters stay float32 over a bf16 base: an adapter update of
+# lr 1e-4 x a 1e-2 weight is below bf16's resolution.
+LORA_TARGETS = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
+VISION_LORA_TARGETS = ("qkv", "proj", "gate_proj", "up_proj", "down_proj")
+
+
+def add_lora(model, cfg):
+    """Freeze `model` and give it LoRA adapters (cfg.lora_*): the language model's projections
+    named in --lora-targets, and the vision tower's attention and MLP with --lora-vision."""
+    from peft import LoraConfig, inject_adapter_in_model
+    names = "|".join(cfg.lora_targets.split(","))
+    pattern = rf".*language_model\.layers\.\d+\.\w+\.({names})"
+    if cfg.lora_vision:
+        pattern += rf"|.*visual\.blocks\.\d+\.\w+\.({'|'.join(VISION_LORA_TARGETS)})"
+    model.requires_grad_(False)
+    inject_adapter_in_model(LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                                       target_modules=pattern), model)
+    adapters = [p for n, p in model.named_parameters() if "lora_" in n]
+    if not adapters:
+        raise SystemExit(f"--lora-targets {cfg.lora_targets}: no module of this model has that name")
+    for p in adapters:
+        p.data = p.data.float()
+        p.requires_grad_(True)
+    n = sum(p.numel() for p in adapters)
+    print(f"LoRA r={cfg.lora_r}: {n:,} trainable adapter parameters ({n / sum(p.numel() for p in model.parameters()):.2%})")
+
+
+def lora_layers(model):
+    from peft.tuners.lora import LoraLayer
+    return [(name, m) for name, m in model.named_modules() if isinstance(m, LoraLayer)]
+
+
+class adapters_off:
+    """`with adapters_off(model):` the base model, i.e. GRPO's frozen reference policy under LoRA:
+    the same weights with the adapters switched off, no second copy in memory."""
+
+    def __init__(self, model):
+        self.layers = [m for _, m in lora_layers(model)]
+
+    def __enter__(self):
+        for m in self.layers:
+            m.enable_adapters(False)
+
+    def __exit__(self, *exc):
+        for m in self.layers:
+            m.enable_adapters(True)
+
+
+def adapter_state(model):
+    """The adapters' weights (what a LoRA run's resumable checkpoint adds to trainer_state.pt)."""
+    return {n: p.detach().clone() for n, p in model.named_parameters() if "lora_" in n}
+
+
+def load_adapters(model, state):
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for n, t in state.items():
+            params[n].copy_(t)
+
+
+def merged_state_dict(model):
+    """The state dict of plain transformers' model with every adapter merged into its weight,
+    W + (alpha / r) B A, under the base layer's name: save_pretrained(state_dict=this) writes a
+    checkpoint that AutoModelForImageTextToText.from_pretrained loads with no peft installed."""
+    layers = dict(lora_layers(model))
+    out = {}
+    for name, t in model.state_dict().items():
+        if "lora_" not in name:
+            out[name.replace(".base_layer.", ".")] = t
+    for name, m in layers.items():
+        w = m.base_layer.weight
+        out[name + ".weight"] = (w.float() + m.get_delta_weight("default").float()).to(w.dtype)
+    return out
 
 
 def apply_memory_plan(model, processor, cfg):
@@ -177,6 +262,8 @@ def apply_memory_plan(model, processor, cfg):
         ip.size = SizeDict(shortest_edge=min(ip.size["shortest_edge"], cfg.max_pixels), longest_edge=cfg.max_pixels)
     if cfg.freeze_vision:
         model.model.visual.requires_grad_(False)
+    if cfg.lora_r:
+        add_lora(model, cfg)
     if cfg.grad_checkpointing:
         model.activation_checkpointing_enable({"use_reentrant": False})
 
@@ -184,15 +271,75 @@ def apply_memory_plan(model, processor, cfg):
 @dataclass
 class MemoryFlags:
     """The single-GPU memory levers of sft.py and grpo.py: their configs inherit these fields."""
-    dtype: str = "float32"           # weights: float32 (bf16 autocast on CUDA) or bfloat16 (half the memory)
+    dtype: str = "float32"           # weights: float32 (bf16 autocast on CUDA) or bfloat16 (half the memory; AdamW rounds stochastically)
     max_pixels: int = 0              # image pixel budget per image (0: the model's own); fewer pixels, fewer tokens
     freeze_vision: bool = False      # train the language model only (saves the vision tower's grads and AdamW state)
     grad_checkpointing: bool = False  # recompute activations in backward: less memory, ~30% slower
+    lora_r: int = 0                  # LoRA rank (0: full fine-tuning); the base is frozen, float32 adapters train
+    lora_alpha: float = 32.0         # LoRA scale: the update is (alpha / r) B A
+    lora_dropout: float = 0.0        # dropout on the adapters' input (0: GRPO's scored policy must be the sampled one)
+    lora_targets: str = LORA_TARGETS  # comma-separated projection names that get adapters, in the language model
+    lora_vision: bool = False        # also adapt the vision tower's attention and MLP (frozen otherwise)
 
     def problems(self):
         """(ok, message) pairs for the check() of each script."""
         return [(self.dtype in ("float32", "bfloat16") and self.max_pixels >= 0,
-                 "--dtype must be float32 or bfloat16 and --max-pixels >= 0")]
+                 "--dtype must be float32 or bfloat16 and --max-pixels >= 0"),
+                (self.lora_r >= 0 and self.lora_alpha > 0 and 0 <= self.lora_dropout < 1,
+                 "--lora-r must be >= 0, --lora-alpha > 0 and --lora-dropout in [0, 1)"),
+                (bool(re.fullmatch(r"\w+(,\w+)*", self.lora_targets)),
+                 "--lora-targets must be comma-separated module names, e.g. q_proj,v_proj")]
+
+
+# ----------------------------------------------------------------------------- bf16 weights: AdamW that rounds stochastically
+# A bf16 weight of magnitude 0.02 has a resolution of 1.2e-4; AdamW's step at lr 1e-6 is ~1e-6,
+# and round-to-nearest throws it away every time: in pure bf16, most weights never move at the
+# learning rates real models are fine-tuned with. Rounding up or down AT RANDOM, with probability
+# in proportion to the distance, keeps every update in expectation (Gupta et al. 2015,
+# arXiv 1502.02551): over 100 steps the weights move as float32 master weights would (tested),
+# at the memory of pure bf16 (weights, gradients and both moments 2 bytes each: 8 bytes a parameter).
+def stochastic_round(x):
+    """float32 -> bfloat16, unbiased: add random low bits below bf16's 16 kept bits, then cut them."""
+    bits = x.float().contiguous().view(torch.int32)
+    noise = torch.randint(0, 1 << 16, bits.shape, dtype=torch.int32, device=x.device)
+    return ((bits + noise) & -65536).view(torch.float32).to(torch.bfloat16)
+
+
+class StochasticAdamW(torch.optim.Optimizer):
+    """AdamW (Loshchilov & Hutter, arXiv 1711.05101) for bf16 parameters: the step is computed in
+    float32, then the weight and the two moments are stored back with stochastic_round."""
+
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0):
+        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
+
+    @torch.no_grad()
+    def step(self):
+        for g in self.param_groups:
+            (b1, b2), lr = g["betas"], g["lr"]
+            for p in g["params"]:
+                if p.grad is None:
+                    continue
+                st = self.state[p]
+                if not st:
+                    st["step"] = 0
+                    st["m"], st["v"] = torch.zeros_like(p), torch.zeros_like(p)
+                st["step"] += 1
+                grad, w = p.grad.float(), p.float()
+                m = st["m"].float().mul_(b1).add_(grad, alpha=1 - b1)
+                v = st["v"].float().mul_(b2).addcmul_(grad, grad, value=1 - b2)
+                denom = (v / (1 - b2 ** st["step"])).sqrt_().add_(g["eps"])
+                w.mul_(1 - lr * g["weight_decay"]).addcdiv_(m, denom, value=-lr / (1 - b1 ** st["step"]))
+                for dst, src in ((p, w), (st["m"], m), (st["v"], v)):
+                    dst.copy_(stochastic_round(src) if dst.dtype == torch.bfloat16 else src)
+
+
+def adamw(groups, lr, betas, weight_decay=0.0):
+    """torch's AdamW, or StochasticAdamW when the trained weights are bf16 (--dtype bfloat16 and
+    full fine-tuning; LoRA's adapters are float32 and take torch's)."""
+    groups = list(groups)
+    params = [p for g in groups for p in (g["params"] if isinstance(g, dict) else [g])]
+    cls = StochasticAdamW if any(p.dtype == torch.bfloat16 for p in params) else torch.optim.AdamW
+    return cls(groups, lr=lr, betas=betas, weight_decay=weight_decay)
 
 
 def weights_dtype(name):
@@ -255,7 +402,7 @@ def save(model, processor, out, state=None, into=False):
     tmp = f"{out}.tmp-{os.getpid()}"
     try:
         shutil.rmtree(tmp, ignore_errors=True)
-        model.save_pretrained(tmp)
+        model.save_pretrained(tmp, state_dict=merged_state_dict(model) if lora_layers(model) else None)
         processor.save_pretrained(tmp)
         for name in ("processor_config.json", "tokenizer_config.json"):
             path = os.path.join(tmp, name)
@@ -346,6 +493,11 @@ def open_run(out, resume):
     except OSError as e:
         raise SystemExit(f"--out {out}: not writable ({e.strerror or e})")
     metrics = os.path.join(out, "metrics.jsonl")
+    found = list_checkpoints(out) if resume else []
+    if resume and not found:   # e.g. a cluster job preempted before its first checkpoint, re-run as it was
+        if is_main():
+            print(f"--resume: no checkpoint in {os.path.join(out, 'checkpoints')} yet: starting from step 0")
+        resume = False
     if not resume:
         if is_main():                                  # under DDP only rank 0 touches the run directory
             if os.path.exists(metrics) or list_checkpoints(out):
@@ -354,9 +506,6 @@ def open_run(out, resume):
             open(metrics, "w").close()
         _barrier()
         return None, None
-    found = list_checkpoints(out)
-    if not found:
-        raise SystemExit(f"--resume: no checkpoint in {os.path.join(out, 'checkpoints')} (runs save one every --save-every steps)")
     state = load_state(found[-1])
     if is_main():
         lines = open(metrics).readlines() if os.path.exists(metrics) else []
@@ -458,6 +607,19 @@ def completion_mask(ids, end_token_ids):
     return (~after_end).float()
 
 
+def completion_budget(processor, responses, floor=160, margin=1.25):
+    """A generation budget sized from the data: margin x the 99th percentile of the reference
+    responses' lengths in tokens, at least `floor`. The synthetic traces are ~50 tokens (budget
+    160); the paper's are ~100 words with boxes, and a budget sized for ours would truncate them.
+    Prints the percentiles it read, so a reader sees what the budget covers."""
+    lengths = sorted(len(ids) + 1 for ids in processor.tokenizer(list(responses), add_special_tokens=False)["input_ids"])
+    pct = {p: lengths[min(len(lengths) - 1, int(p / 100 * len(lengths)))] for p in (50, 90, 99)}
+    budget = max(floor, int(math.ceil(margin * pct[99])))
+    print(f"reference responses: {pct[50]} / {pct[90]} / {pct[99]} tokens at the 50/90/99th percentile "
+          f"(max {lengths[-1]}): generation budget {budget}")
+    return budget
+
+
 def tokenize_completions(processor, texts, end_token_id):
     """Reference responses -> RIGHT-padded completion ids [N, T] ending in the end-of-turn token,
     and their mask [N, T]. The SFT targets are exactly these tokens."""
@@ -472,6 +634,18 @@ def tokenize_completions(processor, texts, end_token_id):
 
 
 # ----------------------------------------------------------------------------- the two operations
+# generate() fills every knob we do not pass from the CHECKPOINT's generation_config, and Qwen2.5-VL
+# checkpoints ship repetition_penalty 1.05, top_k 1 and top_p 0.001: rollouts would then come from
+# a distribution other than softmax(logits / T), the policy whose log-probs GRPO scores. So every
+# knob that shapes the distribution is set here, to "off" (tested with such a checkpoint).
+NEUTRAL_SAMPLING = dict(top_k=0, min_p=None, typical_p=1.0, epsilon_cutoff=0.0, eta_cutoff=0.0, top_h=None,
+                        repetition_penalty=1.0, encoder_repetition_penalty=1.0, no_repeat_ngram_size=0,
+                        encoder_no_repeat_ngram_size=0, bad_words_ids=None, sequence_bias=None, min_length=0,
+                        min_new_tokens=None, begin_suppress_tokens=None, forced_bos_token_id=None,
+                        forced_eos_token_id=None, exponential_decay_length_penalty=None, guidance_scale=None,
+                        renormalize_logits=False, watermarking_config=None, num_beams=1)
+
+
 @torch.no_grad()
 def sample(model, processor, images, questions, group_size=1, max_new_tokens=160,
            temperature=1.0, top_p=1.0, greedy=False):
@@ -488,7 +662,7 @@ def sample(model, processor, images, questions, group_size=1, max_new_tokens=160
     images = [im for im in images for _ in range(group_size)]
     questions = [q for q in questions for _ in range(group_size)]
     prompt = build_prompts(processor, images, questions).to(device)
-    knobs = dict(do_sample=False) if greedy else dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=0)
+    knobs = dict(do_sample=False) if greedy else dict(do_sample=True, temperature=temperature, top_p=top_p)
     was_training = model.training
     model.eval()      # with gradient checkpointing on, a training-mode generate() would drop its KV cache
     # a completion must never hold a vision placeholder: the forward that scores it would count an
@@ -498,7 +672,8 @@ def sample(model, processor, images, questions, group_size=1, max_new_tokens=160
     vision = [tok.convert_tokens_to_ids(t) for t in VISION_TOKENS]
     out = model.generate(**prompt, max_new_tokens=max_new_tokens, use_cache=True,
                          pad_token_id=tok.pad_token_id, eos_token_id=end,
-                         suppress_tokens=[i for i in vision if i not in (None, tok.unk_token_id)], **knobs)
+                         suppress_tokens=[i for i in vision if i not in (None, tok.unk_token_id)],
+                         **NEUTRAL_SAMPLING, **knobs)
     model.train(was_training)
     ids = out[:, prompt["input_ids"].shape[1]:]                               # [N, T]
     mask = completion_mask(ids, end)                                          # [N, T]
@@ -509,7 +684,7 @@ def sample(model, processor, images, questions, group_size=1, max_new_tokens=160
             "truncated": ~ended}
 
 
-def completion_logprobs(model, prompt, completion_ids, completion_mask, entropy=False):
+def completion_logprobs(model, prompt, completion_ids, completion_mask, entropy=False, temperature=1.0):
     """log pi(y_t | image, prompt, y_<t) for every completion token: [N, T].
 
     One forward over [prompt | completion]. Logits at position P-1+t predict completion token t,
@@ -518,6 +693,9 @@ def completion_logprobs(model, prompt, completion_ids, completion_mask, entropy=
     rotary positions are computed exactly as during generation.
     Values past the end-of-turn token are meaningless: multiply by the mask before using them.
     entropy=True also returns each position's policy entropy in nats, [N, T], without a graph.
+    `temperature`: the policy is softmax(logits / T). GRPO samples at T = 0.7, so it must score
+    at T = 0.7 too, or the ratio, the KL and the gradient belong to another policy than the one
+    that wrote the completions (TRL and verl divide the same way). SFT and evaluation use T = 1.
     """
     T = completion_ids.shape[1]
     input_ids = torch.cat([prompt["input_ids"], completion_ids], 1)                          # [N, P+T]
@@ -526,6 +704,8 @@ def completion_logprobs(model, prompt, completion_ids, completion_mask, entropy=
     logits = model(input_ids=input_ids, attention_mask=attention_mask, mm_token_type_ids=mm_token_type_ids,
                    pixel_values=prompt["pixel_values"], image_grid_thw=prompt["image_grid_thw"],
                    logits_to_keep=T + 1, use_cache=False).logits[:, :-1].float()            # [N, T, V]
+    if temperature != 1.0:
+        logits = logits / temperature
     picked = logits.gather(-1, completion_ids.unsqueeze(-1)).squeeze(-1)                    # [N, T]
     logp = picked - torch.logsumexp(logits, dim=-1)                                          # [N, T]
     if not entropy:

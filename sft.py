@@ -1,10 +1,20 @@
-"""sft.py -- Stage 1: supervised fine-tuning on ThinkVG traces.
+"""sft.py -- Stage 1: supervised fine-tuning on ThinkVG traces (the cold start).
 
 The model learns to produce `<think>... region [x1, y1, x2, y2] ...</think><answer>...</answer>`
 by teacher forcing: cross-entropy on the response tokens only (the system prompt, question and
 image tokens are context, never targets), AdamW with linear warm-up and cosine decay.
 
+The regime is the cold start (DeepSeek-R1's recipe, and the GEMeX-ThinkVG paper's "one eighth"):
+reasoning traces are scarce, labelled questions are many. By default this stage sees the traces
+of ONE EIGHTH of the training images (--train-size 1000 of 8000); grpo.py then practises on all
+8000 questions, scored against their labels. `--train-size 8000 --max-steps 1500` is the upper
+bound: a trace for every image. For the tiny model the vision tower is first warmed up (stage 0,
+warm_up_tower below: what each film shows and where, before any text; real checkpoints skip it).
+
     python sft.py                          # tiny model, synthetic data, CPU: see README for timings
+    python sft.py --train-size 8000 --max-steps 1500 --out runs/sft_all   # every trace: the upper bound
+    python sft.py --model runs/sft --max-steps 3300 --lr 5e-4 --warmup-steps 50 --out runs/sft_more
+                                           # the control: GRPO's minutes spent on more SFT instead
     python sft.py --model Qwen/Qwen2.5-VL-3B-Instruct --device cuda --batch-size 4 --lr 1e-5 \
         --data gemex --data-path train.parquet --image-root mimic-cxr-jpg/files --dtype bfloat16
     torchrun --nproc_per_node=2 sft.py     # DistributedDataParallel: one process per GPU (gloo on CPU)
@@ -34,14 +44,15 @@ import reward
 class SFTConfig(M.MemoryFlags, data.DataFlags):
     model: str = "tiny"          # 'tiny' (built offline) or a Qwen2(.5)-VL Hub id / checkpoint directory
     out: str = "runs/sft"        # output directory for metrics, config and the final checkpoint
-    max_steps: int = 1500        # optimizer steps (with the warm-up, the default run fits in 10 minutes on 2 CPU cores)
-    batch_size: int = 16         # samples per step
+    max_steps: int = 1000        # optimizer steps: 16 epochs of the 1000 default traces
+    batch_size: int = 16         # samples per forward/backward
+    grad_accum: int = 1          # forward/backwards per optimizer step: a batch of grad_accum x batch_size on a small card
     lr: float = 2e-3             # peak learning rate (tiny model from scratch; ~1e-5 for a pretrained 3B)
     vision_lr_scale: float = 0.1 # the vision tower's lr is lr times this (at the full lr it forgets what it sees)
     warmup_steps: int = 100      # linear warm-up steps before cosine decay to 10% of lr
     weight_decay: float = 0.01   # AdamW decoupled weight decay
     grad_clip: float = 1.0       # clip the global gradient norm to this
-    train_size: int = 8000       # training samples used (a prefix of the train split)
+    train_size: int = 1000       # training traces (a prefix of the train split): one eighth, the cold start; 8000 = all
     eval_every: int = 250        # greedy validation every this many steps (0: only at the end)
     eval_n: int = 64             # validation samples per evaluation
     seed: int = 0                # seed for init, data order and sampling
@@ -57,7 +68,8 @@ class SFTConfig(M.MemoryFlags, data.DataFlags):
 
 def check(cfg):
     """Flag values that cannot work, named, before anything is loaded."""
-    for ok, msg in ((cfg.max_steps >= 1 and cfg.batch_size >= 1, "--max-steps and --batch-size must be >= 1"),
+    for ok, msg in ((cfg.max_steps >= 1 and cfg.batch_size >= 1 and cfg.grad_accum >= 1,
+                     "--max-steps, --batch-size and --grad-accum must be >= 1"),
                     (cfg.lr > 0 and cfg.vision_lr_scale >= 0, "--lr must be > 0 and --vision-lr-scale >= 0"),
                     (cfg.warmup_steps >= 0 and cfg.weight_decay >= 0 and cfg.grad_clip > 0,
                      "--warmup-steps and --weight-decay must be >= 0, --grad-clip > 0"),
@@ -66,7 +78,7 @@ def check(cfg):
                     (cfg.trace in ("thinkvg", "answer"), "--trace must be thinkvg or answer"),
                     (cfg.tower_steps >= 0 and cfg.tower_lr > 0, "--tower-steps must be >= 0 and --tower-lr > 0"),
                     *data.DataFlags.problems(cfg), *M.MemoryFlags.problems(cfg),
-                    (cfg.batch_size <= cfg.train_size, "--batch-size must not exceed --train-size"),
+                    (cfg.batch_size * cfg.grad_accum <= cfg.train_size, "--batch-size x --grad-accum must not exceed --train-size"),
                     (cfg.eval_every >= 0 and 1 <= cfg.eval_n and (cfg.data != "synthetic" or cfg.eval_n <= data.DataConfig.n_val),
                      f"--eval-every must be >= 0 and --eval-n in 1..{data.DataConfig.n_val}"),
                     (cfg.save_every >= 0 and cfg.keep >= 1 and cfg.max_bad_steps >= 1,
@@ -214,6 +226,23 @@ def sft_batch(processor, rows, end_id, device):
     return prompt, ids.to(device), mask.to(device)
 
 
+def token_mean_backward(net, batches, amp=torch.float32):
+    """Backward of the token-mean cross-entropy over ALL `batches` (gradient accumulation): each
+    batch adds its share, -sum(log p) / (response tokens of all the batches), so the gradient is
+    the one a single batch of all those rows would give. Returns the loss (a float)."""
+    n_tokens = sum(float(mask.sum()) for _, _, mask in batches)
+    loss = 0.0
+    for j, (prompt, ids, mask) in enumerate(batches):
+        if isinstance(net, torch.nn.parallel.DistributedDataParallel):   # all-reduce once, after the last
+            net.require_backward_grad_sync = j == len(batches) - 1
+        with torch.autocast(ids.device.type, dtype=amp, enabled=amp != torch.float32):
+            logp = M.completion_logprobs(net, prompt, ids, mask)          # [B, T]
+        part = -(logp * mask).sum() / n_tokens
+        part.backward()
+        loss += part.item()
+    return loss
+
+
 def greedy_eval(model, processor, rows):
     """Greedy answers on a few validation rows, scored exactly as evaluate.py scores them ->
     mean reward components (all in [0, 1]) and one example completion."""
@@ -232,11 +261,15 @@ def main(cfg):
     ckpt, state = M.open_run(cfg.out, cfg.resume)
     if master:
         json.dump(asdict(cfg), open(os.path.join(cfg.out, "run_config.json"), "w"), indent=2)
-    model, processor = M.load(ckpt or cfg.model, device, M.weights_dtype(cfg.dtype), seed=cfg.seed)
+    # LoRA resumes from the frozen base + the adapters in the checkpoint's state (bit-exact);
+    # full fine-tuning from the checkpoint's weights
+    model, processor = M.load(cfg.model if cfg.lora_r else ckpt or cfg.model, device, M.weights_dtype(cfg.dtype), seed=cfg.seed)
     M.apply_memory_plan(model, processor, cfg)
+    if state and cfg.lora_r:
+        M.load_adapters(model, state["adapters"])
     model.train()
     frame = M.image_frame(processor, data.GEMEX_FRAME)           # gemex boxes move 224 -> the frame the model sees
-    if cfg.tower_steps and not ckpt and cfg.model == "tiny" and cfg.data == "synthetic":
+    if cfg.tower_steps and not ckpt and not cfg.lora_r and cfg.model == "tiny" and cfg.data == "synthetic":
         warm_up_tower(model, processor, cfg, device, frame)   # stage 0; a real checkpoint's tower is pretrained
     elif cfg.tower_steps and not ckpt:
         print("vision warm-up skipped: it is for --model tiny on --data synthetic")
@@ -248,7 +281,7 @@ def main(cfg):
         train = train.map(lambda r: {"response": f"<answer>{reward.parse(r).answer}</answer>"}, input_columns="response")
     print(f"{cfg.model}: {sum(p.numel() for p in model.parameters()):,} parameters; {len(train)} training samples")
 
-    opt = torch.optim.AdamW(param_groups(model, cfg), lr=cfg.lr, betas=(0.9, 0.95))
+    opt = M.adamw(param_groups(model, cfg), lr=cfg.lr, betas=(0.9, 0.95))
     lengths = [len(q) + len(r) for q, r in zip(train["question"], train["response"])]  # characters: a proxy
     start, epoch, order, bad = 0, 0, [], 0
     if state:   # everything the next step depends on: weights (loaded above), optimizer, data position, RNG
@@ -260,22 +293,19 @@ def main(cfg):
     bar, t0 = tqdm(range(start, cfg.max_steps), desc="sft", initial=start, total=cfg.max_steps, disable=not master), time.time()
     for step in bar:
         # ---- data: length-grouped batches from a seeded shuffle, a new one each epoch; every rank
-        # holds the same order and takes its own batch of the `world` popped each step
-        if len(order) < world:
+        # holds the same order and takes its own grad_accum batches of the world x grad_accum popped
+        if len(order) < world * cfg.grad_accum:
             order, epoch = batch_order(lengths, cfg.batch_size, cfg.seed + epoch), epoch + 1
-        rows = train[[order.pop() for _ in range(world)][rank]]
-        prompt, ids, mask = sft_batch(processor, rows, end_id, device)
+        popped = [order.pop() for _ in range(world * cfg.grad_accum)]
+        batches = [sft_batch(processor, train[b], end_id, device) for b in popped[rank::world]]
 
         # ---- the algorithm: token-mean cross-entropy on response tokens only
         lr = lr_at(step, cfg)
         for g in opt.param_groups:
             g["lr"] = lr * g["lr_scale"]
-        with torch.autocast(device.type, dtype=amp, enabled=amp != torch.float32):
-            logp = M.completion_logprobs(net, prompt, ids, mask)          # [B, T]
-        loss = -(logp * mask).sum() / mask.sum()
-        loss.backward()                  # under DDP this also averages the gradients over ranks
+        loss = token_mean_backward(net, batches, amp)   # under DDP this also averages the gradients over ranks
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        loss = M.ddp_mean(loss.item())   # a float, the mean over ranks (so all ranks agree on skipping)
+        loss = M.ddp_mean(loss)          # a float, the mean over ranks (so all ranks agree on skipping)
         finite = math.isfinite(loss) and bool(torch.isfinite(grad_norm))
         if finite:                       # a NaN/inf update would poison every weight: skip it
             opt.step()
@@ -298,7 +328,8 @@ def main(cfg):
 
         # ---- checkpoints: periodic and on Ctrl-C; stop on repeated non-finite updates
         if M.after_step("sft.py", cfg, step + 1, bad, stop, model, processor, lambda: {
-                "optimizer": opt.state_dict(), "epoch": epoch, "order": order, "rng": M.rng_state()}):
+                "optimizer": opt.state_dict(), "epoch": epoch, "order": order, "rng": M.rng_state(),
+                "adapters": M.adapter_state(model)}):
             return
 
     M.ddp_check_in_sync(model)

@@ -58,5 +58,3 @@ def test_cli_flag_errors_and_unwritable_out(tmp_path):
     out = str(blocker / "run")                                           # a directory under a file
     line = _cli("sft.py", "--out", out, "--max-steps", "1")
     assert out in line and "not writable" in line
-    line = _cli("sft.py", "--out", str(tmp_path / "fresh"), "--resume", "true")
-    assert "no checkpoint" in line

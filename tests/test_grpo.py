@@ -12,7 +12,7 @@ import data
 import grpo
 import model as M
 
-CFG = grpo.GRPOConfig(beta=0.0)   # the loss tests add the KL term only where they test it (default 0.3)
+CFG = grpo.GRPOConfig(beta=0.0, max_new_tokens=10)   # the loss tests add the KL term only where they test it (default 0.3)
 
 
 # ----------------------------------------------------------------------------- advantages
@@ -170,7 +170,7 @@ def test_micro_batched_update_equals_unbatched(agg):
     policy, roll = _rollout()
     N = roll["completion_ids"].shape[0]
     adv = torch.linspace(-1, 1, N)
-    old = grpo.logprobs(policy, roll, N) + 0.05 * torch.randn(N, roll["completion_ids"].shape[1])  # rho != 1
+    old = grpo.logprobs(policy, roll, N, CFG.temperature) + 0.05 * torch.randn(N, roll["completion_ids"].shape[1])  # rho != 1
     grads = []
     for size in (N, 2, 1):
         policy.zero_grad()

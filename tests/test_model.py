@@ -97,6 +97,47 @@ def test_sampling_groups_and_logprobs_match_generation(tiny, batch):
     assert torch.allclose(got * g_mask, want * g_mask, atol=1e-4)
 
 
+def test_scoring_at_the_sampling_temperature_is_the_sampling_distribution(tiny, batch):
+    # GRPO samples at T = 0.7; the log-probs it scores (ratio, KL, entropy) must be those of the
+    # distribution generate() drew from: log_softmax(logits / T), not log_softmax(logits)
+    model, processor = tiny
+    prompt = M.build_prompts(processor, *batch[:2])
+    torch.manual_seed(0)
+    gen = model.generate(**prompt, max_new_tokens=10, do_sample=True, temperature=0.7, top_k=0, top_p=1.0,
+                         output_scores=True, return_dict_in_generate=True,
+                         pad_token_id=processor.tokenizer.pad_token_id)
+    ids = gen.sequences[:, prompt["input_ids"].shape[1]:]
+    mask = M.completion_mask(ids, M.end_ids(model))
+    want = torch.stack([torch.log_softmax(s.float(), -1) for s in gen.scores], 1).gather(-1, ids[..., None])[..., 0]
+    with torch.no_grad():
+        got = M.completion_logprobs(model, prompt, ids, mask, temperature=0.7)
+        at_one = M.completion_logprobs(model, prompt, ids, mask)
+    assert torch.allclose(got * mask, want * mask, atol=1e-4)
+    assert not torch.allclose(at_one * mask, want * mask, atol=1e-2)     # T = 1 scores another policy
+
+
+def test_sampler_ignores_the_checkpoints_generation_config(batch, tmp_path):
+    # Qwen2.5-VL checkpoints ship repetition_penalty 1.05, top_k 1, top_p 0.001: generate() would
+    # fill every knob we do not pass from them. The sampler sets every knob, so the rollout is the same.
+    images, questions, _ = batch
+    model, processor = M.load("tiny")
+    torch.manual_seed(0)
+    clean = M.sample(model, processor, images[:2], questions[:2], group_size=3, max_new_tokens=12, temperature=0.7)
+    model.generation_config.update(do_sample=True, repetition_penalty=1.05, top_k=1, top_p=0.001, no_repeat_ngram_size=2,
+                                   min_new_tokens=12, temperature=0.1)
+    M.save(model, processor, str(tmp_path))
+    loaded, processor = M.load(str(tmp_path))
+    assert loaded.generation_config.repetition_penalty == 1.05                     # the checkpoint carries it
+    torch.manual_seed(0)
+    dirty = M.sample(loaded, processor, images[:2], questions[:2], group_size=3, max_new_tokens=12, temperature=0.7)
+    assert torch.equal(clean["completion_ids"], dirty["completion_ids"])
+    # and the knobs really do act when generate() is left to the checkpoint's config
+    torch.manual_seed(0)
+    raw = loaded.generate(**dirty["prompt"], max_new_tokens=12, do_sample=True,
+                          pad_token_id=processor.tokenizer.pad_token_id)
+    assert not torch.equal(raw[:, dirty["prompt"]["input_ids"].shape[1]:], clean["completion_ids"])
+
+
 def test_sampling_never_emits_a_vision_placeholder(batch):
     # make <|image_pad|> the likeliest next token everywhere: unsuppressed, a completion would hold
     # image tokens without image features, and scoring it would fail (the CI failure of session 9)
@@ -172,9 +213,9 @@ def test_bad_checkpoint_names_the_path(tmp_path):
 def test_memory_plan_flags_change_memory_not_maths():
     """--max-pixels shrinks the frame (and the tokens); --freeze-vision leaves the tower out of the
     optimizer; --grad-checkpointing recomputes activations yet gives the same gradients."""
-    from types import SimpleNamespace
+    from dataclasses import replace
     import sft
-    plan = lambda **k: SimpleNamespace(**{"max_pixels": 0, "freeze_vision": False, "grad_checkpointing": False, **k})  # noqa: E731
+    plan = lambda **k: replace(M.MemoryFlags(), **k)  # noqa: E731
     model, processor = M.load("tiny")
     assert M.image_frame(processor, 224) == 112                      # tiny: 224-px GEMeX boxes land in 112
     M.apply_memory_plan(model, processor, plan(max_pixels=56 * 56))
@@ -249,3 +290,84 @@ def test_parse_config_flags(monkeypatch):
     assert parse("--resume", "1").resume is True
     with pytest.raises(SystemExit):
         parse("--resume", "maybe")
+
+
+# ----------------------------------------------------------------------------- LoRA and bf16 weights
+LORA = M.MemoryFlags(lora_r=4, lora_alpha=8.0)
+
+
+def _lora_trained(batch, steps=3):
+    """The tiny model with LoRA adapters after a few SFT steps; returns (model, processor, base weights)."""
+    model, processor = M.load("tiny")
+    base = {k: v.clone() for k, v in model.state_dict().items()}
+    M.apply_memory_plan(model, processor, LORA)
+    images, questions, responses = batch
+    prompt = M.build_prompts(processor, images, questions)
+    ids, mask = M.tokenize_completions(processor, responses, M.end_ids(model)[0])
+    opt = M.adamw([p for p in model.parameters() if p.requires_grad], lr=1e-2, betas=(0.9, 0.99))
+    for _ in range(steps):
+        (-(M.completion_logprobs(model, prompt, ids, mask) * mask).sum() / mask.sum()).backward()
+        opt.step()
+        opt.zero_grad()
+    return model, processor, base, (prompt, ids, mask)
+
+
+def test_lora_trains_the_adapters_and_not_the_base(batch):
+    model, _, base, _ = _lora_trained(batch)
+    trained = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trained and all("lora_" in n for n in trained)
+    assert not any(".visual." in n for n in trained)                      # the vision tower is frozen unless asked
+    assert all(p.dtype == torch.float32 for n, p in model.named_parameters() if n in trained)
+    assert any(p.abs().sum() > 0 for n, p in model.named_parameters() if "lora_B" in n)   # B starts at 0 and moved
+    for name, t in M.merged_state_dict(model).items():                   # merged weights differ only where adapted
+        adapted = any(name == f"{n}.weight" for n, _ in M.lora_layers(model))
+        assert torch.equal(t, base[name]) != adapted, name
+    for name, p in model.named_parameters():                             # the frozen base never moved
+        if "lora_" not in name:
+            assert torch.equal(p, base[name.replace(".base_layer.", ".")]), name
+
+
+def test_lora_with_adapters_off_is_the_base_model_exactly(batch):
+    model, _, base, (prompt, ids, mask) = _lora_trained(batch)
+    plain, _ = M.load("tiny")
+    with torch.no_grad():
+        want = M.completion_logprobs(plain, prompt, ids, mask)
+        with M.adapters_off(model):
+            got = M.completion_logprobs(model, prompt, ids, mask)
+        on = M.completion_logprobs(model, prompt, ids, mask)
+    assert torch.equal(got, want)
+    assert not torch.allclose(on, want, atol=1e-3)                        # and on, the adapters do act
+
+
+def test_a_merged_lora_save_loads_in_plain_transformers(batch, tmp_path):
+    from transformers import AutoModelForImageTextToText
+    model, processor, _, (prompt, ids, mask) = _lora_trained(batch)
+    M.save(model, processor, str(tmp_path))
+    loaded = AutoModelForImageTextToText.from_pretrained(str(tmp_path))
+    assert not any("lora" in n for n in loaded.state_dict())
+    with torch.no_grad():
+        a = M.completion_logprobs(model, prompt, ids, mask)
+        b = M.completion_logprobs(loaded, prompt, ids, mask)
+    assert torch.allclose(a * mask, b * mask, atol=1e-4)
+
+
+def test_bf16_adamw_moves_the_weights_as_float32_does_at_lr_1e_6():
+    # weights of magnitude ~0.02 have a bf16 resolution of 1.2e-4: round-to-nearest drops an AdamW
+    # step of ~1e-6 every time; stochastic rounding keeps it in expectation
+    torch.manual_seed(0)
+    w0 = (0.02 + 0.005 * torch.rand(8192)) * torch.sign(torch.randn(8192))
+    direction = torch.sign(torch.randn(8192))
+    moved = {}
+    for name in ("float32", "bf16 nearest", "bf16 stochastic"):
+        p = torch.nn.Parameter(w0.clone() if name == "float32" else w0.to(torch.bfloat16))
+        start = p.detach().float().clone()
+        opt = torch.optim.AdamW([p], lr=1e-6, weight_decay=0.0) if name != "bf16 stochastic" else M.adamw([p], 1e-6, (0.9, 0.999))
+        assert isinstance(opt, M.StochasticAdamW) == (name == "bf16 stochastic")
+        g = torch.Generator().manual_seed(1)
+        for _ in range(100):
+            p.grad = (direction * (1 + 0.1 * torch.randn(8192, generator=g))).to(p.dtype)
+            opt.step()
+        moved[name] = float(((start - p.detach().float()) * direction).mean())   # mean step along the gradient
+    assert moved["float32"] == pytest.approx(1e-4, rel=0.05)               # ~lr per step for 100 steps
+    assert moved["bf16 nearest"] < 0.1 * moved["float32"]                   # the pitfall this fixes
+    assert moved["bf16 stochastic"] == pytest.approx(moved["float32"], rel=0.10)

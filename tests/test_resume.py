@@ -55,14 +55,16 @@ def test_sft_killed_and_resumed_equals_uninterrupted(tmp_path):
     _same_run(whole, killed)
 
 
-def test_grpo_killed_and_resumed_equals_uninterrupted(tmp_path):
+@pytest.mark.parametrize("lora", [[], ["--lora-r", "4", "--beta", "0.1"]], ids=["full", "lora"])
+def test_grpo_killed_and_resumed_equals_uninterrupted(tmp_path, lora):
     init = tmp_path / "init"
     M.save(*M.load("tiny"), str(init))
     # weight decay moves the weights every step even when a random-init model's groups have equal
-    # rewards, so the sampled rollouts (and their lengths, entropies) depend on every restored piece
+    # rewards, so the sampled rollouts (and their lengths, entropies) depend on every restored piece;
+    # under LoRA the resumed run rebuilds the frozen init and loads the adapters from the checkpoint
     args = ["grpo.py", "--init", str(init), "--max-steps", "6", "--prompts", "2", "--group-size", "2",
             "--max-new-tokens", "8", "--eval-every", "0", "--eval-n", "2", "--train-size", "16",
-            "--save-every", "2", "--weight-decay", "0.5", "--lr", "1e-2", "--warmup-steps", "1"]
+            "--save-every", "2", "--weight-decay", "0.5", "--lr", "1e-2", "--warmup-steps", "1", *lora]
     whole, killed = tmp_path / "whole", tmp_path / "killed"
     r = _run(args, whole)
     assert r.returncode == 0, r.stderr[-2000:]
@@ -70,6 +72,14 @@ def test_grpo_killed_and_resumed_equals_uninterrupted(tmp_path):
     r = _run(args + ["--resume", "true"], killed)
     assert r.returncode == 0, r.stderr[-2000:]
     _same_run(whole, killed)
+
+
+def test_resume_with_nothing_to_resume_starts_at_step_0(tmp_path):
+    # a cluster job preempted before its first checkpoint is re-run with the same --resume command
+    r = _run(SFT[:2] + ["2"] + SFT[3:] + ["--resume"], tmp_path / "fresh")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "no checkpoint" in r.stdout and "starting from step 0" in r.stdout
+    assert (tmp_path / "fresh" / "metrics.jsonl").read_text().count("\n") == 2
 
 
 def test_a_save_killed_before_its_rename_leaves_the_previous_checkpoint(tmp_path, monkeypatch):

@@ -105,3 +105,19 @@ def test_patch_order_matches_the_processor():
     assert pix.shape[0] == pgrid * pgrid
     seen = pix.mean(-1).argsort().argsort()        # each row's rank by brightness = its raster index
     assert torch.equal(seen, sft.patch_order(grid, m))
+
+
+def test_gradient_accumulation_equals_one_large_batch():
+    # two batches of 2 accumulated give the gradient of one batch of 4: each batch's share of the
+    # token mean is divided by the tokens of ALL the batches (not averaged per batch)
+    model, processor = M.load("tiny")
+    rows = [data.make_sample("train", i) for i in range(4)]
+    cols = {k: [r[k] for r in rows] for k in ("image", "question", "response")}
+    end = M.end_ids(model)[0]
+    grads = []
+    for parts in ([slice(0, 4)], [slice(0, 2), slice(2, 4)]):
+        model.zero_grad()
+        batches = [sft.sft_batch(processor, {k: v[s] for k, v in cols.items()}, end, torch.device("cpu")) for s in parts]
+        sft.token_mean_backward(model, batches)
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None]))
+    assert grads[0].abs().sum() > 0 and torch.allclose(grads[0], grads[1], atol=1e-6)
