@@ -57,12 +57,18 @@ def test_evaluate_script_two_checkpoints(tmp_path):
     assert set(p["metrics"]) == set(evaluate.METRICS)
     assert all(v["lo"] <= v["diff"] <= v["hi"] for v in p["metrics"].values())
     assert (tmp_path / "g.png").stat().st_size > 1000
-    # one checkpoint: a single flat object
+    # one checkpoint: a single flat object; --n 2 (fewer than the gallery's 4) and --predictions
+    preds = tmp_path / "p.jsonl"
     r = subprocess.run([sys.executable, "evaluate.py", "--checkpoint", str(tmp_path / "a"), "--split", "validation",
-                        "--n", "4", "--max-new-tokens", "4", "--json", str(out), "--gallery", ""],
-                       capture_output=True, text=True)
+                        "--n", "2", "--max-new-tokens", "4", "--json", str(out), "--gallery", str(tmp_path / "g2.png"),
+                        "--predictions", str(preds), "--dtype", "float32"], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-2000:]
-    assert set(json.loads(out.read_text())) == keys
+    assert set(json.loads(out.read_text())) == keys and (tmp_path / "g2.png").exists()
+    lines = [json.loads(x) for x in preds.read_text().splitlines()]
+    assert len(lines) == 2 and set(lines[0]) == {"checkpoint", "image_path", "question", "question_type", "reference",
+                                                 "completion", "format", "answer", "grounding", "iou",
+                                                 "consistency", "length"}
+    assert lines[1]["image_path"] == "synthetic/validation/000001.png" and 0 < lines[1]["length"] <= 4
 
 
 def test_consistency_on_hand_made_cases():
