@@ -89,6 +89,13 @@ def greedy_scores(model, processor, rows, batch_size=100, max_new_tokens=160):
     return scores, texts
 
 
+def greedy_means(model, processor, rows):
+    """The periodic validation of sft.py and grpo.py: greedy answers on a few rows, scored as
+    above -> the mean of each reward component (all in [0, 1]) and one example completion."""
+    scores, texts = greedy_scores(model, processor, rows)
+    return {k: sum(s[k] for s in scores) / len(scores) for k in reward.REWARDS}, texts[0]
+
+
 def run_checkpoint(path, cfg, device, rows=None):
     """Load a checkpoint and score it -> (per-sample records keyed like METRICS, texts, rows).
     The rows are loaded with the first checkpoint, at the frame its processor gives images."""

@@ -42,9 +42,9 @@ import torch
 from tqdm import tqdm
 
 import data
+import evaluate
 import model as M
 import reward
-import sft
 
 # ----------------------------------------------------------------------------- config
 # Inherited flags: --data, --data-path, --image-root (data.DataFlags) and --dtype, --max-pixels,
@@ -72,10 +72,10 @@ class GRPOConfig(M.MemoryFlags, data.DataFlags):
     credit: str = "coord"          # 'sequence': one advantage for all tokens (GRPO); 'span': box digits get the box rewards', the rest the text rewards'; 'coord': each coordinate's digits its own error's
     loss_agg: str = "token"        # 'seq' mean per sequence (GRPO), 'token' mean over batch (DAPO), 'constant' (Dr. GRPO)
     drop_truncated: bool = False   # give completions that hit max_new_tokens no gradient
-    w_format: float = 0.25         # reward weight: well-formed <think>/<answer> with a box
-    w_answer: float = 1.0          # reward weight: exact answer check
-    w_grounding: float = 1.0       # reward weight: the paper's rule (box count equal and mean IoU > 0.75)
-    w_iou: float = 0.5             # reward weight: dense matched IoU
+    w_format: float = reward.DEFAULT_WEIGHTS["format"]        # reward weight: well-formed <think>/<answer> with a box
+    w_answer: float = reward.DEFAULT_WEIGHTS["answer"]        # reward weight: exact answer check
+    w_grounding: float = reward.DEFAULT_WEIGHTS["grounding"]  # reward weight: the paper's rule (box count equal and mean IoU > 0.75)
+    w_iou: float = reward.DEFAULT_WEIGHTS["iou"]              # reward weight: dense matched IoU
     train_size: int = 8000         # training questions (a prefix of the train split): all 8000, 7/8 of them unseen by sft.py
     types: str = ""                # practise only these question types, comma-separated ('' = all four)
     eval_every: int = 50           # greedy validation every this many steps (0: only at the end)
@@ -102,8 +102,8 @@ def check(cfg):
            (cfg.credit in ("sequence", "span", "coord"), "--credit must be sequence, span or coord"),
            (all(t in data.QUESTION_TYPES for t in cfg.types.split(",")) if cfg.types else True,
             f"--types must be comma-separated names from {', '.join(data.QUESTION_TYPES)}"),
-           (min(cfg.w_format, cfg.w_answer, cfg.w_grounding, cfg.w_iou) >= 0 and
-            cfg.w_format + cfg.w_answer + cfg.w_grounding + cfg.w_iou > 0, "reward weights must be >= 0, not all 0"),
+           (min(weights := [getattr(cfg, f"w_{k}") for k in reward.REWARDS]) >= 0 and sum(weights) > 0,
+            "reward weights must be >= 0, not all 0"),
            (cfg.max_new_tokens >= 0 and cfg.warmup_steps >= 1 and cfg.grad_clip > 0,
             "--max-new-tokens must be >= 0, --warmup-steps >= 1, --grad-clip > 0"),
            (cfg.prompts <= cfg.train_size and (cfg.data != "synthetic" or cfg.train_size <= data.DataConfig.n_train),
@@ -156,7 +156,7 @@ def span_advantages(scores, ids, is_digit, weights, group_size, norm="group"):
     def part(keys):
         r = torch.tensor([sum(weights[k] * s[k] for k in keys) for s in scores], device=ids.device)
         return advantages(r, group_size, norm)                          # [N]
-    a_box, a_text = part(("grounding", "iou")), part(("format", "answer"))
+    a_box, a_text = part(reward.BOX_REWARDS), part(reward.TEXT_REWARDS)
     digit = is_digit.to(ids.device)[ids]                                # [N, T]
     return torch.where(digit, a_box.unsqueeze(1), a_text.unsqueeze(1))  # [N, T]
 
@@ -332,7 +332,7 @@ def main(cfg):
     val = data.load("validation", None, cfg, frame)[: cfg.eval_n]
     if not cfg.max_new_tokens:
         cfg.max_new_tokens = M.completion_budget(processor, train["response"])
-    weights = {"format": cfg.w_format, "answer": cfg.w_answer, "grounding": cfg.w_grounding, "iou": cfg.w_iou}
+    weights = {k: getattr(cfg, f"w_{k}") for k in reward.REWARDS}
     opt = M.adamw([p for p in policy.parameters() if p.requires_grad], lr=cfg.lr, betas=(0.9, 0.99), weight_decay=cfg.weight_decay)
     B, G = cfg.prompts, cfg.group_size
     is_digit = digit_tokens(processor.tokenizer) if cfg.credit != "sequence" else None   # [V]
@@ -404,7 +404,7 @@ def main(cfg):
         split = {"time_generate": t1 - t0, "time_score": t2 - t1, "time_reference": t3 - t2, "time_train": t4 - t3}
         timings.append(list(split.values()))
         rec = {"step": step + 1, "loss": loss, "lr": lr, "skipped": int(not finite),
-               **{f"reward_{k}": float(np.mean([s[k] for s in scores])) for k in ("format", "answer", "grounding", "iou")},
+               **{f"reward_{k}": float(np.mean([s[k] for s in scores])) for k in reward.REWARDS},
                "reward": float(rewards.mean()), "reward_std": float(rewards.std()),
                "zero_std_groups": float((groups.std(1) < 1e-6).float().mean()),
                "length_mean": float(lengths.float().mean()), "length_max": int(lengths.max()),
@@ -417,7 +417,7 @@ def main(cfg):
         if master and cfg.show_every and (step + 1) % cfg.show_every == 0:
             show(roll["texts"], rewards.tolist(), rows, G)
         if master and ((cfg.eval_every and (step + 1) % cfg.eval_every == 0) or step + 1 == cfg.max_steps):
-            means, example = sft.greedy_eval(policy, processor, val)
+            means, example = evaluate.greedy_means(policy, processor, val)
             rec.update({f"val_{k}": v for k, v in means.items()})
             tqdm.write(f"step {step + 1}: reward {rec['reward']:.3f} | val " +
                        " ".join(f"{k} {v:.2f}" for k, v in means.items()))

@@ -17,7 +17,11 @@ completion with its reference:
                equals the reference's and their mean IoU after matching exceeds 0.75, else 0
     iou        a dense version for a smoother signal: the optimal one-to-one matched IoU summed
                and divided by max(#predicted, #reference), so missing and extra boxes both cost
-    total      sum_k w_k * r_k / sum_k w_k, with the weights w as an argument
+    total      sum_k w_k * r_k / sum_k w_k, weights DEFAULT_WEIGHTS unless given
+
+This is the one definition of the rewards: their names (REWARDS), their default weights (which
+grpo.py's --w-* flags start from) and the tokens each one decides (grpo.py's token-level credit):
+format and answer are decided by the text tokens, grounding and iou by the box digits.
 
 Model outputs are adversarial input. Nothing here raises on any string, every component is a
 float in [0, 1], and parsing is linear in the length of the text (bounded regexes, no nested
@@ -26,7 +30,11 @@ quantifiers, a cap on how many boxes are matched).
 import re
 from dataclasses import dataclass, field
 
-DEFAULT_WEIGHTS = {"format": 0.25, "answer": 1.0, "grounding": 0.0, "iou": 1.0}
+# The paper's two rewards are answer and grounding; format keeps the tags parseable, and the dense
+# IoU shapes the grounding rule's 0/1 (a box 0.74 of the way there still scores).
+DEFAULT_WEIGHTS = {"format": 0.25, "answer": 1.0, "grounding": 1.0, "iou": 0.5}
+REWARDS = tuple(DEFAULT_WEIGHTS)          # ("format", "answer", "grounding", "iou"): every log and table uses these
+TEXT_REWARDS, BOX_REWARDS = ("format", "answer"), ("grounding", "iou")   # decided by text tokens / by box digits
 GROUNDING_IOU = 0.75   # the paper's threshold on the mean matched IoU
 MAX_BOXES = 32         # boxes beyond this are counted (they cost IoU) but never matched
 MAX_COORD = 10_000     # a coordinate above this is not a pixel of any image we use
@@ -206,6 +214,6 @@ def score(completion, reference, question_type, weights=None, frame=None):
     out = {"format": float(pred.well_formed),
            "answer": answer_correct(pred.answer, ref.answer, question_type)}
     out["grounding"], out["iou"] = grounding_scores([b for _, b in pred.boxes], [b for _, b in ref.boxes])
-    norm = sum(w[k] for k in DEFAULT_WEIGHTS)
-    out["total"] = sum(w[k] * out[k] for k in DEFAULT_WEIGHTS) / norm if norm > 0 else 0.0
+    norm = sum(w[k] for k in REWARDS)
+    out["total"] = sum(w[k] * out[k] for k in REWARDS) / norm if norm > 0 else 0.0
     return out

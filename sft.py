@@ -243,13 +243,6 @@ def token_mean_backward(net, batches, amp=torch.float32):
     return loss
 
 
-def greedy_eval(model, processor, rows):
-    """Greedy answers on a few validation rows, scored exactly as evaluate.py scores them ->
-    mean reward components (all in [0, 1]) and one example completion."""
-    scores, texts = evaluate.greedy_scores(model, processor, rows)
-    return {k: sum(s[k] for s in scores) / len(scores) for k in ("format", "answer", "iou", "grounding")}, texts[0]
-
-
 # ----------------------------------------------------------------------------- main
 def main(cfg):
     check(cfg)
@@ -318,7 +311,7 @@ def main(cfg):
                "skipped": int(not finite), "elapsed_s": round(time.time() - t0, 1)}
         last = step + 1 == cfg.max_steps
         if master and ((cfg.eval_every and (step + 1) % cfg.eval_every == 0) or last):
-            means, example = greedy_eval(model, processor, val)
+            means, example = evaluate.greedy_means(model, processor, val)
             rec.update({f"val_{k}": v for k, v in means.items()})
             tqdm.write(f"step {step + 1}: loss {loss:.3f} | val " +
                        " ".join(f"{k} {v:.2f}" for k, v in means.items()) + f"\n  e.g. {example[:160]}")
