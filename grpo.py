@@ -118,7 +118,7 @@ def check(cfg):
             raise SystemExit(f"grpo.py: {msg}")
 
 
-# ----------------------------------------------------------------------------- the algorithm
+# ----------------------------------------------------------------------------- the algorithm (the paper's GRPO)
 def advantages(rewards, group_size, norm="group", eps=1e-4):
     """Group-relative advantages. rewards [B*G] (group i in rows i*G..i*G+G-1) -> [B*G].
 
@@ -134,63 +134,6 @@ def advantages(rewards, group_size, norm="group", eps=1e-4):
     elif norm == "batch":
         a = a / (rewards.std() + eps)
     return a.reshape(-1)                                               # [B*G]
-
-
-def digit_tokens(tokenizer):
-    """[V] bool: the vocabulary entries that are a single digit. Qwen's tokenizer and the tiny
-    one both spell numbers digit by digit, and in a ThinkVG trace every digit is a coordinate."""
-    toks = tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))
-    return torch.tensor([t is not None and len(t) == 1 and t in "0123456789" for t in toks])
-
-
-def span_advantages(scores, ids, is_digit, weights, group_size, norm="group"):
-    """--credit span: each reward is credited to the tokens that decide it. Returns [N, T].
-
-    A sequence-level advantage tells every token of a completion the same story: a box digit is
-    pushed up because the answer letter was right, the letter because the boxes were tight. With
-    four rewards that mostly disagree, that is noise on every token. Here the box tokens (the
-    digits) get the group-relative advantage of the box rewards (grounding + IoU) alone, and all
-    other tokens (region names, findings, the answer) that of the text rewards (format + answer).
-    scores: reward.score dicts [N]; ids [N, T] completion ids; is_digit [V] from digit_tokens.
-    """
-    def part(keys):
-        r = torch.tensor([sum(weights[k] * s[k] for k in keys) for s in scores], device=ids.device)
-        return advantages(r, group_size, norm)                          # [N]
-    a_box, a_text = part(reward.BOX_REWARDS), part(reward.TEXT_REWARDS)
-    digit = is_digit.to(ids.device)[ids]                                # [N, T]
-    return torch.where(digit, a_box.unsqueeze(1), a_text.unsqueeze(1))  # [N, T]
-
-
-def coord_advantages(scores, texts, refs, ids, is_digit, weights, group_size, norm="group"):
-    """--credit coord: as span for the text, but each box COORDINATE's digits get its own
-    group-relative advantage: how much closer to the reference this completion wrote it than
-    the group's other completions wrote the same coordinate of the same region, in pixels:
-    A = (w_grounding + w_iou) (mean_group(err) - err) / (std_group(err) + 1 px). A box's IoU
-    mixes four coordinates and a completion's IoU several boxes; one number's own error is the
-    least noisy credit a digit can get. Digits of unmatched boxes (a region the reference does
-    not box) get 0. texts [N] decoded completions, refs [B] reference responses. Returns [N, T].
-    """
-    adv = span_advantages(scores, ids, is_digit, weights, group_size, norm)        # [N, T]
-    digit = is_digit.to(ids.device)[ids]                                          # [N, T]
-    adv = adv.masked_fill(digit, 0.0)
-    errs = [reward.coordinate_errors(t, refs[i // group_size]) for i, t in enumerate(texts)]
-    same = {}                                          # (prompt, region, coordinate) -> the group's errors
-    for i, e in enumerate(errs):
-        for x in filter(None, e):
-            same.setdefault((i // group_size, x[0], x[1]), []).append(x[2])
-    stats = {k: (torch.tensor(v).mean(), torch.tensor(v).std()) for k, v in same.items() if len(v) > 1}
-    w = weights["grounding"] + weights["iou"]
-    for i, e in enumerate(errs):
-        d = digit[i].tolist() + [False]
-        starts = [t for t in range(len(d) - 1) if d[t] and (t == 0 or not d[t - 1])]   # each number's digits:
-        ends = [t + 1 for t in range(len(d) - 1) if d[t] and not d[t + 1]]              # tokens starts[k]:ends[k]
-        if len(starts) != len(e):                      # tokens and text disagree: no box credit here
-            continue
-        for t0, t1, x in zip(starts, ends, e):
-            if x and (i // group_size, x[0], x[1]) in stats:
-                mean, std = stats[(i // group_size, x[0], x[1])]
-                adv[i, t0:t1] = w * (mean - x[2]) / (std + 1.0)
-    return adv
 
 
 def policy_loss(logp, old_logp, adv, mask, cfg, norm, ref_logp=None):
@@ -259,6 +202,76 @@ def accumulate_gradients(policy, roll, adv, old, ref_logp, cfg, amp=torch.float3
             sums[k] = sums.get(k, 0.0) + float(v) * w
         n_tok += w
     return total, {k: v / max(n_tok, 1.0) for k, v in sums.items()}
+
+
+# ----------------------------------------------------------------------------- beyond the paper: token-level credit
+# The paper's GRPO gives every token of a completion the same advantage. With rewards that decide
+# different tokens (the answer is a letter, the grounding is digits), that tells a box digit it was
+# good because the letter was right. --credit span / coord (the default) credit each reward to the
+# tokens that decide it (reward.TEXT_REWARDS, reward.BOX_REWARDS); --credit sequence is the paper's.
+def token_advantages(cfg, scores, roll, refs, is_digit, weights, group_size):
+    """The one entry point from main(): [N, T] advantages for --credit span or coord."""
+    if cfg.credit == "span":
+        return span_advantages(scores, roll["completion_ids"], is_digit, weights, group_size, cfg.adv_norm)
+    return coord_advantages(scores, roll["texts"], refs, roll["completion_ids"], is_digit, weights, group_size,
+                            cfg.adv_norm)
+
+
+def digit_tokens(tokenizer):
+    """[V] bool: the vocabulary entries that are a single digit. Qwen's tokenizer and the tiny
+    one both spell numbers digit by digit, and in a ThinkVG trace every digit is a coordinate."""
+    toks = tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))
+    return torch.tensor([t is not None and len(t) == 1 and t in "0123456789" for t in toks])
+
+
+def span_advantages(scores, ids, is_digit, weights, group_size, norm="group"):
+    """--credit span: each reward is credited to the tokens that decide it. Returns [N, T].
+
+    A sequence-level advantage tells every token of a completion the same story: a box digit is
+    pushed up because the answer letter was right, the letter because the boxes were tight. With
+    four rewards that mostly disagree, that is noise on every token. Here the box tokens (the
+    digits) get the group-relative advantage of the box rewards (grounding + IoU) alone, and all
+    other tokens (region names, findings, the answer) that of the text rewards (format + answer).
+    scores: reward.score dicts [N]; ids [N, T] completion ids; is_digit [V] from digit_tokens.
+    """
+    def part(keys):
+        r = torch.tensor([sum(weights[k] * s[k] for k in keys) for s in scores], device=ids.device)
+        return advantages(r, group_size, norm)                          # [N]
+    a_box, a_text = part(reward.BOX_REWARDS), part(reward.TEXT_REWARDS)
+    digit = is_digit.to(ids.device)[ids]                                # [N, T]
+    return torch.where(digit, a_box.unsqueeze(1), a_text.unsqueeze(1))  # [N, T]
+
+
+def coord_advantages(scores, texts, refs, ids, is_digit, weights, group_size, norm="group"):
+    """--credit coord: as span for the text, but each box COORDINATE's digits get its own
+    group-relative advantage: how much closer to the reference this completion wrote it than
+    the group's other completions wrote the same coordinate of the same region, in pixels:
+    A = (w_grounding + w_iou) (mean_group(err) - err) / (std_group(err) + 1 px). A box's IoU
+    mixes four coordinates and a completion's IoU several boxes; one number's own error is the
+    least noisy credit a digit can get. Digits of unmatched boxes (a region the reference does
+    not box) get 0. texts [N] decoded completions, refs [B] reference responses. Returns [N, T].
+    """
+    adv = span_advantages(scores, ids, is_digit, weights, group_size, norm)        # [N, T]
+    digit = is_digit.to(ids.device)[ids]                                          # [N, T]
+    adv = adv.masked_fill(digit, 0.0)
+    errs = [reward.coordinate_errors(t, refs[i // group_size]) for i, t in enumerate(texts)]
+    same = {}                                          # (prompt, region, coordinate) -> the group's errors
+    for i, e in enumerate(errs):
+        for x in filter(None, e):
+            same.setdefault((i // group_size, x[0], x[1]), []).append(x[2])
+    stats = {k: (torch.tensor(v).mean(), torch.tensor(v).std()) for k, v in same.items() if len(v) > 1}
+    w = weights["grounding"] + weights["iou"]
+    for i, e in enumerate(errs):
+        d = digit[i].tolist() + [False]
+        starts = [t for t in range(len(d) - 1) if d[t] and (t == 0 or not d[t - 1])]   # each number's digits:
+        ends = [t + 1 for t in range(len(d) - 1) if d[t] and not d[t + 1]]              # tokens starts[k]:ends[k]
+        if len(starts) != len(e):                      # tokens and text disagree: no box credit here
+            continue
+        for t0, t1, x in zip(starts, ends, e):
+            if x and (i // group_size, x[0], x[1]) in stats:
+                mean, std = stats[(i // group_size, x[0], x[1])]
+                adv[i, t0:t1] = w * (mean - x[2]) / (std + 1.0)
+    return adv
 
 
 # ----------------------------------------------------------------------------- plumbing
@@ -369,13 +382,10 @@ def main(cfg):
         rewards = torch.tensor([s["total"] for s in scores], device=device)      # [N]
 
         # ---- 3. advantage: relative to the group
-        if cfg.credit == "span":        # [N, T]: each reward credited to the tokens that decide it
-            adv = span_advantages(scores, roll["completion_ids"], is_digit, weights, G, cfg.adv_norm)
-        elif cfg.credit == "coord":     # [N, T]: and each coordinate's digits to its own error
-            adv = coord_advantages(scores, roll["texts"], rows["response"], roll["completion_ids"], is_digit,
-                                   weights, G, cfg.adv_norm)
-        else:                           # [N]: one advantage per completion (GRPO)
+        if cfg.credit == "sequence":    # [N]: one advantage per completion (the paper's GRPO)
             adv = advantages(rewards, G, cfg.adv_norm)
+        else:                           # [N, T]: each reward credited to the tokens that decide it (beyond the paper)
+            adv = token_advantages(cfg, scores, roll, rows["response"], is_digit, weights, G)
         t2 = time.time()
 
         # ---- 4. log-probs of the rollout under pi_old (and pi_ref), before any update
