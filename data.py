@@ -21,6 +21,7 @@ import functools
 import hashlib
 import math
 import os
+import random
 import re
 from collections import Counter
 from dataclasses import dataclass
@@ -402,7 +403,9 @@ def split_of(image_path):
     """'train' / 'validation' / 'test' from a hash of the image path. GEMeX ships one train split;
     cutting by image (never by row) keeps every question about an image in one split, so a test
     question never shares its image with a training question. Stable across machines and runs."""
-    u = int(hashlib.sha1(image_path.encode()).hexdigest()[:8], 16) / 16 ** 8
+    rel = image_path.lstrip("/")          # '/p10/...', 'p10/...' (GEMeX v1) and 'files/p10/...' are one image
+    rel = rel[len("files/"):] if rel.startswith("files/") else rel
+    u = int(hashlib.sha1(rel.encode()).hexdigest()[:8], 16) / 16 ** 8
     return next((s for s, (lo, hi) in HELD_OUT.items() if lo <= u < hi), "train")
 
 
@@ -517,8 +520,10 @@ def load_gemex(split, n=None, path=GEMEX_HUB_ID, image_root="", frame=GEMEX_FRAM
         raise SystemExit(f"--data-path {path}: no usable {split} rows under --image-root {image_root}")
     ds = ds.select([i for i, why in enumerate(skip) if not why]).remove_columns("skip")
     if n is not None and n > len(ds):
-        raise SystemExit(f"gemex {split}: asked for {n} samples, only {len(ds)} usable")
-    return ds if n is None else ds.select(range(n))
+        print(f"gemex {split}: {n} samples asked for, {len(ds)} usable: using all {len(ds)}")
+    elif n is not None and n < len(ds):   # a seeded random subset, in file order (files are often grouped by type)
+        ds = ds.select(sorted(random.Random(0).sample(range(len(ds)), n)))
+    return ds
 
 
 @dataclass
@@ -534,7 +539,9 @@ class DataFlags:
 
 
 def load(split, n=None, flags=DataFlags(), frame=None):
-    """The one entry point of sft.py / grpo.py / evaluate.py: --data synthetic or gemex. `frame` is
+    """The one entry point of sft.py / grpo.py / evaluate.py: --data synthetic or gemex. `n`: how
+    many samples (None: all). Synthetic samples are i.i.d., so n is a prefix; GEMeX rows are a
+    seeded random subset, and asking for more than there are uses all and says so. `frame` is
     the side GEMeX films are resized to; the synthetic set is drawn at its own DataConfig.frame,
     which every Qwen processor keeps as it is (build_prompts asserts that it does)."""
     if flags.data == "gemex":

@@ -46,7 +46,7 @@ METRICS = ["format_rate", "accuracy", "mean_iou", "iou50_rate", "grounding_rate"
 class EvalConfig(data.DataFlags):
     checkpoint: str = "runs/sft"     # one or more checkpoint directories (space separated on the command line)
     split: str = "test"              # 'test' or 'validation'
-    n: int = 1000                    # samples evaluated (a prefix of the split: the same for every checkpoint)
+    n: int = 1000                    # samples evaluated, the same for every checkpoint (synthetic: a prefix; gemex: a seeded subset, or all)
     batch_size: int = 100            # prompts per generate call
     max_new_tokens: int = 0          # generation budget per answer (0: sized from the data, 1.25x the references' 99th percentile, >= 160)
     json: str = ""                   # also write the numbers to this JSON file

@@ -76,7 +76,7 @@ class GRPOConfig(M.MemoryFlags, data.DataFlags):
     w_answer: float = reward.DEFAULT_WEIGHTS["answer"]        # reward weight: exact answer check
     w_grounding: float = reward.DEFAULT_WEIGHTS["grounding"]  # reward weight: the paper's rule (box count equal and mean IoU > 0.75)
     w_iou: float = reward.DEFAULT_WEIGHTS["iou"]              # reward weight: dense matched IoU
-    train_size: int = 8000         # training questions (a prefix of the train split): all 8000, 7/8 of them unseen by sft.py
+    train_size: int = 0            # training questions (0: every one: 8000 synthetic, 7/8 of them unseen by sft.py)
     types: str = ""                # practise only these question types, comma-separated ('' = all four)
     eval_every: int = 50           # greedy validation every this many steps (0: only at the end)
     eval_n: int = 64               # validation samples per evaluation
@@ -106,8 +106,9 @@ def check(cfg):
             "reward weights must be >= 0, not all 0"),
            (cfg.max_new_tokens >= 0 and cfg.warmup_steps >= 1 and cfg.grad_clip > 0,
             "--max-new-tokens must be >= 0, --warmup-steps >= 1, --grad-clip > 0"),
-           (cfg.prompts <= cfg.train_size and (cfg.data != "synthetic" or cfg.train_size <= data.DataConfig.n_train),
-            f"--train-size must be in --prompts..{data.DataConfig.n_train}"),
+           ((cfg.train_size == 0 or cfg.prompts <= cfg.train_size) and
+            (cfg.data != "synthetic" or cfg.train_size <= data.DataConfig.n_train),
+            f"--train-size must be 0 (all) or in --prompts..{data.DataConfig.n_train}"),
            *data.DataFlags.problems(cfg), *M.MemoryFlags.problems(cfg),
            (cfg.eval_every >= 0 and 1 <= cfg.eval_n and (cfg.data != "synthetic" or cfg.eval_n <= data.DataConfig.n_val),
             f"--eval-every must be >= 0 and --eval-n in 1..{data.DataConfig.n_val}"),
@@ -336,13 +337,14 @@ def main(cfg):
         return logprobs(ref, roll, cfg.micro_batch, cfg.temperature)
 
     frame = M.image_frame(processor, data.GEMEX_FRAME)           # gemex boxes move 224 -> the frame the model sees
-    train = data.load("train", cfg.train_size, cfg, frame)
+    train = data.load("train", cfg.train_size or None, cfg, frame)
     if cfg.types:                  # a curriculum: RL where SFT left headroom (evaluation still sees all types)
         keep = set(cfg.types.split(","))
         train = train.filter(lambda q: q in keep, input_columns="question_type")
-        if len(train) < cfg.prompts:
-            raise SystemExit(f"grpo.py: --types {cfg.types} leaves {len(train)} training prompts, fewer than --prompts {cfg.prompts}")
-    val = data.load("validation", None, cfg, frame)[: cfg.eval_n]
+    if len(train) < cfg.prompts:   # a small real file, or a --types filter
+        raise SystemExit(f"grpo.py: {len(train)} training prompts" + (f" of --types {cfg.types}" if cfg.types else "")
+                         + f", fewer than --prompts {cfg.prompts}")
+    val = data.load("validation", cfg.eval_n, cfg, frame)[:]
     if not cfg.max_new_tokens:
         cfg.max_new_tokens = M.completion_budget(processor, train["response"])
     weights = {k: getattr(cfg, f"w_{k}") for k in reward.REWARDS}

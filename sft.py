@@ -38,6 +38,8 @@ import model as M
 import reward
 
 # ----------------------------------------------------------------------------- config
+COLD_START_TRACES = 1000   # the default: the traces of one eighth of the 8,000 synthetic training images
+
 # Inherited flags: --data, --data-path, --image-root (data.DataFlags) and --dtype, --max-pixels,
 # --freeze-vision, --grad-checkpointing (model.MemoryFlags).
 @dataclass
@@ -52,7 +54,7 @@ class SFTConfig(M.MemoryFlags, data.DataFlags):
     warmup_steps: int = 100      # linear warm-up steps before cosine decay to 10% of lr
     weight_decay: float = 0.01   # AdamW decoupled weight decay
     grad_clip: float = 1.0       # clip the global gradient norm to this
-    train_size: int = 1000       # training traces (a prefix of the train split): one eighth, the cold start; 8000 = all
+    train_size: int = 0          # training traces (0: 1000 of the 8000 synthetic images, one eighth: the cold start; every usable --data gemex row)
     eval_every: int = 250        # greedy validation every this many steps (0: only at the end)
     eval_n: int = 64             # validation samples per evaluation
     seed: int = 0                # seed for init, data order and sampling
@@ -73,12 +75,13 @@ def check(cfg):
                     (cfg.lr > 0 and cfg.vision_lr_scale >= 0, "--lr must be > 0 and --vision-lr-scale >= 0"),
                     (cfg.warmup_steps >= 0 and cfg.weight_decay >= 0 and cfg.grad_clip > 0,
                      "--warmup-steps and --weight-decay must be >= 0, --grad-clip > 0"),
-                    (1 <= cfg.train_size and (cfg.data != "synthetic" or cfg.train_size <= data.DataConfig.n_train),
-                     f"--train-size must be in 1..{data.DataConfig.n_train}"),
+                    (0 <= cfg.train_size and (cfg.data != "synthetic" or cfg.train_size <= data.DataConfig.n_train),
+                     f"--train-size must be in 0..{data.DataConfig.n_train}"),
                     (cfg.trace in ("thinkvg", "answer"), "--trace must be thinkvg or answer"),
                     (cfg.tower_steps >= 0 and cfg.tower_lr > 0, "--tower-steps must be >= 0 and --tower-lr > 0"),
                     *data.DataFlags.problems(cfg), *M.MemoryFlags.problems(cfg),
-                    (cfg.batch_size * cfg.grad_accum <= cfg.train_size, "--batch-size x --grad-accum must not exceed --train-size"),
+                    (cfg.batch_size * cfg.grad_accum <= (cfg.train_size or COLD_START_TRACES),
+                     "--batch-size x --grad-accum must not exceed --train-size"),
                     (cfg.eval_every >= 0 and 1 <= cfg.eval_n and (cfg.data != "synthetic" or cfg.eval_n <= data.DataConfig.n_val),
                      f"--eval-every must be >= 0 and --eval-n in 1..{data.DataConfig.n_val}"),
                     (cfg.save_every >= 0 and cfg.keep >= 1 and cfg.max_bad_steps >= 1,
@@ -268,8 +271,11 @@ def main(cfg):
         print("vision warm-up skipped: it is for --model tiny on --data synthetic")
     net = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model   # forward/backward go through net
     end_id = M.end_ids(model)[0]
-    train = data.load("train", cfg.train_size, cfg, frame)
-    val = data.load("validation", None, cfg, frame)[: cfg.eval_n]
+    train = data.load("train", cfg.train_size or (COLD_START_TRACES if cfg.data == "synthetic" else None), cfg, frame)
+    val = data.load("validation", cfg.eval_n, cfg, frame)[:]
+    if len(train) < cfg.batch_size * cfg.grad_accum:   # a small real file
+        raise SystemExit(f"sft.py: {len(train)} training rows, fewer than --batch-size x --grad-accum "
+                         f"({cfg.batch_size} x {cfg.grad_accum})")
     if cfg.trace == "answer":   # the no-reasoning baseline: the same samples, the target cut to <answer>...</answer>
         train = train.map(lambda r: {"response": f"<answer>{reward.parse(r).answer}</answer>"}, input_columns="response")
     print(f"{cfg.model}: {sum(p.numel() for p in model.parameters()):,} parameters; {len(train)} training samples")

@@ -109,9 +109,20 @@ def test_splits_are_by_image_and_broken_rows_are_counted(gemex, capsys):
     assert set(row) == {"image_path", "image", "question", "question_type", "response"}   # as load_synthetic
     for r in splits["train"]:
         assert all(reward.valid_box(b, (112, 112)) for _, b in reward.parse(r["response"]).boxes)
-    assert len(data.load_gemex("test", 3, path=path, image_root=root, frame=112)) == 3
-    with pytest.raises(SystemExit, match="asked for 99 samples, only 8 usable"):
-        data.load_gemex("test", 99, path=path, image_root=root, frame=112)
+    subset = data.load_gemex("train", 4, path=path, image_root=root, frame=112)     # a seeded random sample
+    assert len(subset) == 4 and subset["question"] != splits["train"]["question"][:4]
+    assert subset["question"] == data.load_gemex("train", 4, path=path, image_root=root, frame=112)["question"]
+    capsys.readouterr()
+    assert len(data.load_gemex("test", 99, path=path, image_root=root, frame=112)) == 8   # all there is, said
+    assert "99 samples asked for, 8 usable: using all 8" in capsys.readouterr().out
+
+
+def test_split_reads_the_image_not_the_spelling_of_its_path():
+    # GEMeX v1 writes 'p10/...', ThinkVG '/p10/...', some copies '/files/p10/...': one image, one split
+    for i in range(50):
+        p = f"p1{i % 10}/p100{i:05d}/s5{i:07d}/{i:08x}.jpg"
+        assert data.split_of(p) == data.split_of("/" + p) == data.split_of("/files/" + p) == data.split_of("files/" + p)
+    assert {data.split_of(f"p10/p{i}/x.jpg") for i in range(400)} == {"train", "validation", "test"}
 
 
 def _exit_message(fn):
@@ -141,16 +152,24 @@ def test_sft_and_evaluate_run_on_gemex_data(gemex, tmp_path):
     path, root = gemex
     flags = ["--data", "gemex", "--data-path", path, "--image-root", root]
     out = tmp_path / "sft"
-    r = subprocess.run([sys.executable, "sft.py", "--max-steps", "2", "--batch-size", "4", "--train-size", "8",
-                        "--eval-n", "2", "--out", str(out), *flags], capture_output=True, text=True)
+    r = subprocess.run([sys.executable, "sft.py", "--max-steps", "2", "--batch-size", "4",      # no size flags
+                        "--out", str(out), *flags], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-2000:]
     assert "skipped 1 (missing image" in r.stdout
     assert "vision warm-up skipped" in r.stdout                 # the default --tower-steps, said, not silent
     res = tmp_path / "eval.json"
-    r = subprocess.run([sys.executable, "evaluate.py", "--checkpoint", str(out), "--n", "8", "--max-new-tokens", "8",
-                        "--json", str(res), "--gallery", "", *flags], capture_output=True, text=True)
+    assert "validation: 64 samples asked for, 8 usable: using all 8" in r.stdout
+    preds = tmp_path / "p.jsonl"
+    r = subprocess.run([sys.executable, "evaluate.py", "--checkpoint", str(out), "--max-new-tokens", "8",
+                        "--json", str(res), "--gallery", str(tmp_path / "g.png"), "--predictions", str(preds), *flags],
+                       capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-2000:]
-    assert json.loads(res.read_text())["n"] == 8
+    assert json.loads(res.read_text())["n"] == 8 and len(preds.read_text().splitlines()) == 8
+    assert "test: 1000 samples asked for, 8 usable" in r.stdout
+    r = subprocess.run([sys.executable, "grpo.py", "--init", str(out), "--max-steps", "1", "--prompts", "2",
+                        "--group-size", "2", "--max-new-tokens", "8", "--out", str(tmp_path / "grpo"), *flags],
+                       capture_output=True, text=True)                 # default credit, no size flags
+    assert r.returncode == 0, r.stderr[-2000:]
 
 
 def test_each_script_stops_on_a_bad_data_file_with_one_line(gemex, tmp_path):
