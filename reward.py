@@ -179,31 +179,137 @@ def normalise(text):
 
 def letters(text):
     """The option letters an answer picks, sorted. Styles: 'A, C', 'A,C', 'AC', 'a c', 'A and C',
-    '(A) (C)', 'A; C', 'A. nodule, C. mass', 'Option B', 'B) mass'."""
+    "['A', 'C']", '(A) (C)', 'A; C', 'A. nodule, C. mass', 'Option B', 'B) mass', 'C: 1.2 cm'.
+    In prose only the letter that opens an option counts (or ends a clause: 'the answer is B'):
+    'A: Type B aortic dissection' is A, 'B: Vitamin D deficiency' is B."""
     bare = re.sub(r"\b(?:and|or|options?|answers?)\b", " ", text, flags=re.IGNORECASE)
-    if re.fullmatch(r"[A-Ha-h\s,;/&()\[\].:+-]*", bare) and re.search(r"[A-Ha-h]", bare):
-        found = re.findall(r"[A-Ha-h]", bare)                     # letters only: every letter counts
-    else:
-        found = re.findall(r"(?<![A-Za-z])([A-H])(?![A-Za-z])", text)  # capital letters standing alone
-    return sorted({c.upper() for c in found})
+    if re.fullmatch(r"[A-Ha-h\s,;/&()\[\].:+'\"-]*", bare) and re.search(r"[A-Ha-h]", bare):
+        return sorted({c.upper() for c in re.findall(r"[A-Ha-h]", bare)})   # letters only: every letter counts
+    found = set()
+    for part in re.split(r"[,;/&]", bare[:2000]):
+        m = (re.match(r"\s*[(\['\"]*([A-H])(?:[.:)\]'\"]|\s|$)", part)        # opens the option: 'C: 1.2 cm'
+             or re.search(r"(?<![A-Za-z])([A-H])[\s.)\]'\"]*$", part))        # or ends the clause: 'is B.'
+        if m:
+            found.add(m.group(1))
+    return sorted(found)
+
+
+# NegEx-style negation (Chapman et al. 2001): a cue before a finding, within a few words of the same
+# clause, or a cue after it ("... is absent"), makes the finding absent.
+_NEG_BEFORE = re.compile(r"\b(?:no|not|without|negative for|free of|absence of|no evidence of|no signs? of|"
+                         r"resolved|resolution of|rules? out|ruled out|clear of)\b")
+_NEG_AFTER = re.compile(r"^\W*(?:\w+\W+){0,3}?(?:is |are |was |were |has |have )?(?:absent|not (?:seen|present|identified|"
+                        r"visualized)|resolved|ruled out|excluded)\b")
+_CLAUSE = re.compile(r"[.;]|\bbut\b|\bhowever\b|\bexcept\b|\bwith\b")
+# CheXpert's observations (Irvin et al. 2019), finer where GEMeX answers are (nodule vs mass), and the
+# support devices GEMeX asks about, each with the synonyms a report uses. Longer phrases first.
+OBSERVATIONS = {
+    "cardiomegaly": r"cardiomegaly|(?:heart|cardiac silhouette|cardiac size|heart size)(?: is| appears)?(?: \w+)? (?:enlarged|increased)"
+                    r"|enlarged (?:heart|cardiac silhouette)|enlargement of the (?:heart|cardiac silhouette)|cardiac enlargement",
+    "normal heart": r"(?:heart|cardiac silhouette|heart size|cardiac size)(?: is| appears)? (?:normal|within normal limits|"
+                    r"not enlarged)|normal(?:[- ]sized)? (?:heart|cardiac silhouette|heart size|cardiac size)",
+    "pleural effusion": r"(?:pleural )?effusions?|pleural fluid|fluid blunting|blunting of the (?:\w+ )?costophrenic angles?",
+    "pneumothorax": r"pneumothora(?:x|ces)|ptx|dark rim without lung markings",
+    "consolidation": r"consolidations?|airspace (?:opacity|opacities|disease)|patchy airspace opacity",
+    "pneumonia": r"pneumonias?|infectious process",
+    "atelectasis": r"atelectasis|atelectatic|volume loss|collapse",
+    "edema": r"(?:pulmonary )?o?edema|vascular congestion|fluid overload",
+    "nodule": r"nodules?|nodular opacity|small round opacity",
+    "mass": r"mass(?:es)?|large dense opacity|tumou?r",
+    "lung opacity": r"opacit(?:y|ies)|opacification|infiltrates?",
+    "fracture": r"fractures?|broken ribs?",
+    "widened mediastinum": r"(?:widened|enlarged|wide) mediastinum|mediastinal widening",
+    "endotracheal tube": r"endotracheal tube|et tube|ett|breathing tube|intubat\w*",
+    "nasogastric tube": r"nasogastric tube|ng tube|orogastric tube|og tube|enteric tube|feeding tube|dobhoff(?: tube)?",
+    "central line": r"central (?:venous )?(?:line|catheter)|cvc|picc(?: line)?|(?:internal jugular|ij|subclavian) "
+                    r"(?:line|catheter)",
+    "pacemaker": r"pacemaker|pacer|defibrillator|icd|pacing leads?|cardiac device",
+    "chest tube": r"chest tubes?|pleural drain|pigtail catheter",
+    "no finding": r"no (?:acute )?(?:findings?|abnormalit(?:y|ies))|no acute (?:cardiopulmonary )?(?:process|disease)|"
+                  r"unremarkable|within normal limits|^normal$|^none$|^nothing$",
+}
+_OBS = re.compile("|".join(f"(?P<o{i}>{p})" for i, p in enumerate(OBSERVATIONS.values())))
+_REGION = re.compile(r"(?:(?:right|left|bilateral) )?(?:(?:upper|mid|middle|lower|apical) )?(?:lung zones?|lungs?|"
+                     r"hilar structures?|hil(?:um|a)|hemidiaphragms?|costophrenic angles?|clavicles?|apical zones?)|"
+                     r"cardiac silhouette|upper mediastinum|mediastinum|trachea|carina|aortic arch|cavoatrial junction|"
+                     r"svc|right atrium|stomach|abdomen|spine")
+_STOPWORDS = _STOP | {"there", "this", "that", "it", "be", "as", "to", "by", "which", "was", "were", "has", "have"}
+
+
+def findings(text):
+    """{(observation, present?)} named in a free-text answer: the CheXpert-style observations of
+    OBSERVATIONS, each negated NegEx-style. 'normal heart' reads as cardiomegaly absent."""
+    t = " ".join(re.findall(r"[a-z0-9]+|[.;]", text.lower()[:2000]))
+    out = set()
+    for m in _OBS.finditer(t):
+        obs = list(OBSERVATIONS)[int(m.lastgroup[1:])]
+        if obs == "normal heart":
+            out.add(("cardiomegaly", False))
+            continue
+        before = _CLAUSE.split(t[:m.start()])[-1].split()[-6:]               # this clause, at most 6 words back
+        negated = bool(_NEG_BEFORE.search(" ".join(before))) or bool(_NEG_AFTER.match(_CLAUSE.split(t[m.end():])[0]))
+        out.add((obs, obs == "no finding" or not negated))
+    return out
+
+
+def _f1(pred, ref):
+    hit = len(pred & ref)
+    return 2 * hit / (len(pred) + len(ref)) if hit else 0.0
+
+
+def open_answer_score(pred, ref):
+    """A graded, judge-free score in [0, 1] for free-text answers, the way radiology report
+    generation is scored (clinical-efficacy F1): F1 over the (observation, present/absent) pairs
+    the two answers name. Answers that name no observation are compared by the anatomical regions
+    they name (F1 over region names), else by normalised word overlap (F1, stop words dropped).
+
+    Catches: synonyms ('enlarged heart' = cardiomegaly, 'feeding tube' = NG tube), negation ('no
+    pneumothorax' contradicts 'pneumothorax'), a normal heart against cardiomegaly, a different
+    region. Misses: severity and size ('small' vs 'large' effusion), a device's position ('tip in
+    the stomach' vs 'tip in the oesophagus' both name the tube), laterality of a finding, hedging
+    ('possible'), findings outside the lexicon, and words that are not findings at all."""
+    p, r = normalise(pred), normalise(ref)
+    if not p:
+        return 0.0
+    if ("none" if p in _NONE else p) == ("none" if r in _NONE else r):
+        return 1.0
+    fp, fr = findings(pred), findings(ref)
+    if fp or fr:
+        return _f1(fp, fr)
+    rp, rr = set(_REGION.findall(p)), set(_REGION.findall(r))
+    if rp or rr:
+        return _f1(rp, rr)
+    return _f1(set(p.split()) - _STOPWORDS, set(r.split()) - _STOPWORDS)
+
+
+def yes_no(text):
+    """'yes' or 'no' from a closed answer: its first word, or in a sentence a NegEx cue ('There is no
+    pneumothorax.' -> no, 'A small effusion is present.' -> yes); '' when it says neither."""
+    words = normalise(text).split()
+    if not words:
+        return ""
+    if words[0] in ("yes", "no"):
+        return words[0]
+    if len(words) < 2:
+        return ""
+    return "no" if _NEG_BEFORE.search(" ".join(words)) or re.search(r"\b(?:absent|none|normal)\b", " ".join(words)) else "yes"
 
 
 def answer_correct(pred, ref, question_type):
-    """Exact answer check per GEMeX question type. Returns 1.0 or 0.0."""
+    """The answer reward per GEMeX question type, in [0, 1]: exact for closed (yes/no), single- and
+    multi-choice (letters); graded for open-ended free text (open_answer_score)."""
     if not pred:
         return 0.0
     if question_type == "closed_ended_questions":
-        first = lambda s: (normalise(s).split() or [""])[0]  # noqa: E731
-        return float(first(pred) in ("yes", "no") and first(pred) == first(ref))
+        p = yes_no(pred)
+        return float(bool(p) and p == yes_no(ref))
     if question_type == "single_choice_questions":
         p = letters(pred)
         return float(len(p) == 1 and p == letters(ref))
     if question_type == "multi_choice_questions":
         p = letters(pred)
         return float(bool(p) and p == letters(ref))
-    p, r = normalise(pred), normalise(ref)  # open-ended, or a type we do not know
-    p, r = ("none" if p in _NONE else p), ("none" if r in _NONE else r)
-    return float(bool(p) and p == r)
+    return open_answer_score(pred, ref)   # open-ended, or a type we do not know
 
 
 # ----------------------------------------------------------------------------- the reward

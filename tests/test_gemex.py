@@ -25,6 +25,20 @@ RESPONSES = [
      "<think>The cardiac silhouette [80, 120, 160, 200] has a normal outline.</think><answer>B. left mid lung zone</answer>"),
     ("multi_choice_questions", "Which of these regions appear normal? A. a B. b C. c D. d",  # overshooting box
      "<think>The left costophrenic angle [200, 200, 230, 226] is clear.</think><answer>A and C</answer>"),
+    # the paper's own styles: boxes in parentheses after a clause, free-text reasons and answers,
+    # multi-choice answers written as a list, options with their text
+    ("open_ended_questions", "What is the position of the NG tube?",
+     "<think>The tube courses below the diaphragm (abdomen [70, 160, 150, 220]), with its tip over the stomach "
+     "(left upper abdomen [120, 170, 170, 215]).</think><answer>NG tube tip is in the stomach.</answer>"),
+    ("closed_ended_questions", "Is there any pneumothorax?",
+     "<think>Both apices show lung markings to the chest wall, right apical zone ([30, 20, 90, 60]) and left "
+     "apical zone ([140, 20, 200, 62]).</think><answer>There is no pneumothorax.</answer>"),
+    ("multi_choice_questions", "Which findings are present? A. Cardiomegaly B. Type B aortic dissection C. Pleural effusion D. Vitamin D deficiency",
+     "<think>The heart is enlarged (cardiac silhouette [70, 110, 170, 190]) and the right angle is blunted "
+     "(right hemidiaphragm [43, 126, 129, 150]).</think><answer>['A', 'C']</answer>"),
+    ("single_choice_questions", "What is the size of the nodule? A: 0.5 cm B: 0.8 cm C: 1.2 cm D: 2.0 cm",
+     "<think>A small round opacity, right mid lung zone ([40, 90, 80, 120]), about a centimetre across.</think>"
+     "<answer>C: 1.2 cm</answer>"),
 ]
 
 
@@ -50,7 +64,7 @@ def write_fixture(tmp):
             file = root / path[len("/files/"):]
             file.parent.mkdir(parents=True, exist_ok=True)
             pixels, _ = data.draw_radiograph(rng, 224, [])
-            Image.fromarray(pixels).resize((256, 300)).save(file)        # not square: squashed to the frame
+            Image.fromarray(pixels).resize((2544, 3056)).save(file)     # a MIMIC-CXR film's size: squashed to the frame
             rows += [dict(image_path=path, question=q, question_type=t, response=r) for t, q, r in RESPONSES]
     missing, truncated = _mimic_paths(5, "train")[3:]
     trunc_file = root / truncated[len("/files/"):]
@@ -98,9 +112,9 @@ def test_splits_are_by_image_and_broken_rows_are_counted(gemex, capsys):
     path, root = gemex
     splits = {s: data.load_gemex(s, path=path, image_root=root, frame=112) for s in ("train", "validation", "test")}
     out = capsys.readouterr().out
-    assert "kept 12 rows, skipped 1 (missing image" in out and "1 (unreadable image" in out
+    assert "kept 24 rows, skipped 1 (missing image" in out and "1 (unreadable image" in out
     assert "1 (response does not parse" in out
-    assert {s: len(d) for s, d in splits.items()} == {"train": 12, "validation": 8, "test": 8}
+    assert {s: len(d) for s, d in splits.items()} == {"train": 24, "validation": 16, "test": 16}
     images = {s: set(d["image_path"]) for s, d in splits.items()}
     assert not (images["train"] & images["validation"] or images["train"] & images["test"]
                 or images["validation"] & images["test"])                 # no image in two splits
@@ -113,8 +127,19 @@ def test_splits_are_by_image_and_broken_rows_are_counted(gemex, capsys):
     assert len(subset) == 4 and subset["question"] != splits["train"]["question"][:4]
     assert subset["question"] == data.load_gemex("train", 4, path=path, image_root=root, frame=112)["question"]
     capsys.readouterr()
-    assert len(data.load_gemex("test", 99, path=path, image_root=root, frame=112)) == 8   # all there is, said
-    assert "99 samples asked for, 8 usable: using all 8" in capsys.readouterr().out
+    assert len(data.load_gemex("test", 99, path=path, image_root=root, frame=112)) == 16   # all there is, said
+    assert "99 samples asked for, 16 usable: using all 16" in capsys.readouterr().out
+
+
+def test_every_reference_scores_1_against_itself_on_every_component(gemex):
+    path, root = gemex
+    rows = data.load_gemex("train", path=path, image_root=root, frame=112)
+    assert set(rows["question_type"]) == set(data.QUESTION_TYPES)
+    for r, qt, im in zip(rows["response"], rows["question_type"], rows["image"]):
+        s = reward.score(r, r, qt, frame=im.size)
+        assert all(s[k] == 1.0 for k in reward.REWARDS), (r, s)
+    answers = {reward.parse(r).answer for r in rows["response"]}
+    assert {"A, C", "C", "NG tube tip is in the stomach.", "There is no pneumothorax."} <= answers
 
 
 def test_split_reads_the_image_not_the_spelling_of_its_path():
@@ -158,14 +183,14 @@ def test_sft_and_evaluate_run_on_gemex_data(gemex, tmp_path):
     assert "skipped 1 (missing image" in r.stdout
     assert "vision warm-up skipped" in r.stdout                 # the default --tower-steps, said, not silent
     res = tmp_path / "eval.json"
-    assert "validation: 64 samples asked for, 8 usable: using all 8" in r.stdout
+    assert "validation: 64 samples asked for, 16 usable: using all 16" in r.stdout
     preds = tmp_path / "p.jsonl"
     r = subprocess.run([sys.executable, "evaluate.py", "--checkpoint", str(out), "--max-new-tokens", "8",
                         "--json", str(res), "--gallery", str(tmp_path / "g.png"), "--predictions", str(preds), *flags],
                        capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-2000:]
-    assert json.loads(res.read_text())["n"] == 8 and len(preds.read_text().splitlines()) == 8
-    assert "test: 1000 samples asked for, 8 usable" in r.stdout
+    assert json.loads(res.read_text())["n"] == 16 and len(preds.read_text().splitlines()) == 16
+    assert "test: 1000 samples asked for, 16 usable" in r.stdout
     r = subprocess.run([sys.executable, "grpo.py", "--init", str(out), "--max-steps", "1", "--prompts", "2",
                         "--group-size", "2", "--max-new-tokens", "8", "--out", str(tmp_path / "grpo"), *flags],
                        capture_output=True, text=True)                 # default credit, no size flags

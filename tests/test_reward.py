@@ -165,3 +165,83 @@ def test_parse_time_grows_linearly():
             return time.perf_counter() - t
         small, big = cost(2000), cost(16000)
         assert big < 30 * max(small, 1e-4), (unit, small, big)
+
+
+# ----------------------------------------------------------------------------- free-text answers (GEMeX open-ended)
+from reward import letters, open_answer_score, yes_no  # noqa: E402
+
+PARAPHRASES = [   # (prediction, reference): the same finding in other words -> high
+    ("Cardiomegaly.", "Moderately enlarged heart."),
+    ("The heart is enlarged.", "Cardiomegaly is present"),
+    ("Enlarged cardiac silhouette", "cardiomegaly"),
+    ("The heart size is normal.", "Normal cardiac silhouette."),
+    ("There is a left pleural effusion.", "Small left-sided effusion."),
+    ("Blunting of the right costophrenic angle", "right pleural effusion"),
+    ("No pneumothorax is seen.", "There is no pneumothorax."),
+    ("Pneumothorax absent.", "No evidence of pneumothorax"),
+    ("Right apical pneumothorax.", "There is a pneumothorax at the right apex."),
+    ("Patchy airspace opacity in the right lower lobe", "Right lower lobe consolidation"),
+    ("Pulmonary edema", "Mild pulmonary oedema."),
+    ("The feeding tube terminates in the stomach.", "NG tube tip is in the stomach."),
+    ("The ET tube is in good position.", "Endotracheal tube in standard position."),
+    ("A left PICC line ends in the SVC.", "Left-sided central venous catheter terminates in the SVC."),
+    ("Pacemaker leads in the right ventricle.", "A cardiac pacemaker is present."),
+    ("No acute cardiopulmonary process.", "No acute findings."),
+    ("none", "No abnormality"),
+    ("A 1 cm nodule in the left upper lobe.", "Left upper lobe nodule."),
+    ("left lower lung zone", "The left lower lung zone"),
+    ("Bibasilar atelectasis.", "Atelectasis at both lung bases."),
+]
+CONTRADICTIONS = [   # -> 0
+    ("The cardiac silhouette is normal, with no cardiomegaly", "The cardiac silhouette is enlarged"),
+    ("Normal heart size.", "Cardiomegaly."),
+    ("No pleural effusion.", "Small left pleural effusion."),
+    ("There is a pneumothorax.", "No pneumothorax."),
+    ("No pneumothorax.", "Right pneumothorax."),
+    ("Pulmonary nodule.", "Lung mass."),
+    ("Consolidation.", "Pleural effusion."),
+    ("No acute findings.", "Right lower lobe pneumonia."),
+    ("NG tube in the stomach.", "Endotracheal tube above the carina."),
+    ("left lower lung zone", "left upper lung zone"),
+    ("right upper lung zone", "left upper lung zone"),
+    ("none", "nodule"),
+]
+
+
+@pytest.mark.parametrize("pred,ref", PARAPHRASES)
+def test_a_paraphrase_of_the_same_finding_scores_high(pred, ref):
+    assert open_answer_score(pred, ref) >= 0.99, (pred, ref, reward.findings(pred), reward.findings(ref))
+    assert answer_correct(pred, ref, "open_ended_questions") == open_answer_score(pred, ref)
+
+
+@pytest.mark.parametrize("pred,ref", CONTRADICTIONS)
+def test_a_contradiction_scores_0(pred, ref):
+    assert open_answer_score(pred, ref) == 0.0, (pred, ref, reward.findings(pred), reward.findings(ref))
+
+
+def test_open_answer_score_is_graded_and_falls_back_to_word_overlap():
+    # two findings against one: F1 over (observation, present) pairs = 2/3
+    assert open_answer_score("Cardiomegaly and a small left effusion.", "Cardiomegaly.") == pytest.approx(2 / 3)
+    # no observation or region on either side: normalised word overlap, stop words dropped
+    assert open_answer_score("Aortic calcification noted", "Calcification of the aortic knob") == pytest.approx(2 * 2 / (3 + 3))
+    assert open_answer_score("", "Cardiomegaly") == 0.0 and open_answer_score("Cardiomegaly", "") == 0.0
+    # plain word overlap would reward this contradiction with 0.67 (the pitfall the findings avoid)
+    assert open_answer_score("The cardiac silhouette is normal, with no cardiomegaly",
+                             "The cardiac silhouette is enlarged") == 0.0
+
+
+def test_letters_ignore_capitals_inside_option_text():
+    assert letters("A: Type B aortic dissection") == ["A"]
+    assert letters("B: Vitamin D deficiency") == ["B"]
+    assert letters("['A', 'C']") == ["A", "C"] and letters("C: 1.2 cm") == ["C"]
+    assert letters("A: Cardiomegaly, C: Pleural effusion") == ["A", "C"]
+    assert letters("The answer is B.") == ["B"] and letters("Option D") == ["D"]
+
+
+def test_closed_answers_read_yes_or_no_from_a_sentence():
+    ref = "There is no pneumothorax."
+    assert answer_correct(ref, ref, "closed_ended_questions") == 1.0            # was 0: first word 'there'
+    assert answer_correct("No.", ref, "closed_ended_questions") == 1.0
+    assert answer_correct("Yes, a small one.", ref, "closed_ended_questions") == 0.0
+    assert yes_no("A small left effusion is present.") == "yes" and yes_no("Pneumothorax is absent.") == "no"
+    assert yes_no("maybe") == "" and answer_correct("maybe", "maybe", "closed_ended_questions") == 0.0
