@@ -201,7 +201,7 @@ def test_bad_flags_are_named(tmp_path):
     # and from the command line: one line, non-zero exit, no traceback
     r = subprocess.run([sys.executable, "grpo.py", "--init", "tiny", "--types", "closed_ended_questions",
                         "--train-size", "8", "--out", str(tmp_path / "o")], capture_output=True, text=True)
-    assert r.returncode != 0 and "leaves 2 training prompts" in r.stderr and "Traceback" not in r.stderr
+    assert r.returncode != 0 and "2 training prompts of --types closed_ended_questions" in r.stderr and "Traceback" not in r.stderr
     r = subprocess.run([sys.executable, "grpo.py", "--group-size", "1"], capture_output=True, text=True)
     assert r.returncode != 0 and "--group-size" in r.stderr and "Traceback" not in r.stderr
 
