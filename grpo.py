@@ -48,7 +48,7 @@ import reward
 
 # ----------------------------------------------------------------------------- config
 # Inherited flags: --data, --data-path, --image-root (data.DataFlags) and --dtype, --max-pixels,
-# --freeze-vision, --grad-checkpointing (model.MemoryFlags).
+# --freeze-vision, --grad-checkpointing, --lora-* (model.MemoryFlags).
 @dataclass
 class GRPOConfig(M.MemoryFlags, data.DataFlags):
     init: str = "runs/sft"         # the SFT checkpoint to start from (and the frozen reference when beta > 0)

@@ -41,7 +41,7 @@ import reward
 COLD_START_TRACES = 1000   # the default: the traces of one eighth of the 8,000 synthetic training images
 
 # Inherited flags: --data, --data-path, --image-root (data.DataFlags) and --dtype, --max-pixels,
-# --freeze-vision, --grad-checkpointing (model.MemoryFlags).
+# --freeze-vision, --grad-checkpointing, --lora-* (model.MemoryFlags).
 @dataclass
 class SFTConfig(M.MemoryFlags, data.DataFlags):
     model: str = "tiny"          # 'tiny' (built offline) or a Qwen2(.5)-VL Hub id / checkpoint directory
