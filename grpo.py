@@ -261,7 +261,7 @@ def coord_advantages(scores, texts, refs, ids, is_digit, weights, group_size, no
         for x in filter(None, e):
             same.setdefault((i // group_size, x[0], x[1]), []).append(x[2])
     stats = {k: (torch.tensor(v).mean(), torch.tensor(v).std()) for k, v in same.items() if len(v) > 1}
-    w = weights["grounding"] + weights["iou"]
+    w = sum(weights[k] for k in reward.BOX_REWARDS)                 # the box rewards' weight
     for i, e in enumerate(errs):
         d = digit[i].tolist() + [False]
         starts = [t for t in range(len(d) - 1) if d[t] and (t == 0 or not d[t - 1])]   # each number's digits:
