@@ -246,17 +246,19 @@ def span_advantages(scores, ids, is_digit, weights, group_size, norm="group"):
 def coord_advantages(scores, texts, refs, ids, is_digit, weights, group_size, norm="group"):
     """--credit coord: as span for the text, but each box COORDINATE's digits get its own
     group-relative advantage: how much closer to the reference this completion wrote it than
-    the group's other completions wrote the same coordinate of the same region, in pixels:
+    the group's other completions wrote the same coordinate of the same reference box, in pixels:
     A = (w_grounding + w_iou) (mean_group(err) - err) / (std_group(err) + 1 px). A box's IoU
     mixes four coordinates and a completion's IoU several boxes; one number's own error is the
-    least noisy credit a digit can get. Digits of unmatched boxes (a region the reference does
-    not box) get 0. texts [N] decoded completions, refs [B] reference responses. Returns [N, T].
+    least noisy credit a digit can get. Boxes are paired with reference boxes by the reward's own
+    optimal IoU matching (reward.coordinate_errors), never by the words before them; digits of a
+    box that overlaps no reference box get 0. texts [N] decoded completions, refs [B] reference
+    responses. Returns [N, T].
     """
     adv = span_advantages(scores, ids, is_digit, weights, group_size, norm)        # [N, T]
     digit = is_digit.to(ids.device)[ids]                                          # [N, T]
     adv = adv.masked_fill(digit, 0.0)
     errs = [reward.coordinate_errors(t, refs[i // group_size]) for i, t in enumerate(texts)]
-    same = {}                                          # (prompt, region, coordinate) -> the group's errors
+    same = {}                                          # (prompt, reference box, coordinate) -> the group's errors
     for i, e in enumerate(errs):
         for x in filter(None, e):
             same.setdefault((i // group_size, x[0], x[1]), []).append(x[2])

@@ -61,14 +61,9 @@ def parse(text, frame=None):
     With `frame` (w, h), boxes must lie inside it to count as valid for the format check."""
     if not isinstance(text, str):
         return Parsed()
-    t0, t1 = text.find("<think>"), text.find("</think>")
-    a0 = text.find("<answer>", max(t1, 0))
-    a1 = text.find("</answer>", a0 + 1) if a0 >= 0 else -1
+    (s0, s1), (t0, t1, a0, a1) = _reasoning_span(text)
     answer = text[a0 + 8:a1].strip() if 0 <= a0 < a1 else ""
-    if 0 <= t0 < t1:
-        think = text[t0 + 7:t1]
-    else:  # no think span: everything before the answer is the reasoning
-        think = text[:a0] if a0 >= 0 else text
+    think = text[s0:s1]
     boxes = []
     for m in BOX.finditer(think):
         coords = [float(v) for v in m.groups()]
@@ -78,6 +73,16 @@ def parse(text, frame=None):
                    and not text[t1 + 8:a0].strip() and not text[a1 + 9:].strip() and bool(answer)
                    and any(valid_box(b, frame) for _, b in boxes))
     return Parsed(think.strip(), answer, boxes, well_formed)
+
+
+def _reasoning_span(text):
+    """((start, end) of the reasoning in text, (the positions of the four tags, -1 if absent))."""
+    t0, t1 = text.find("<think>"), text.find("</think>")
+    a0 = text.find("<answer>", max(t1, 0))
+    a1 = text.find("</answer>", a0 + 1) if a0 >= 0 else -1
+    if 0 <= t0 < t1:
+        return (t0 + 7, t1), (t0, t1, a0, a1)
+    return (0, a0 if a0 >= 0 else len(text)), (t0, t1, a0, a1)   # no think span: all before the answer
 
 
 def _region_before(text, end):
@@ -111,8 +116,9 @@ def iou(a, b):
     return inter / union if union > 0 and inter > 0 else 0.0
 
 
-def matched_iou_sum(pred, ref):
-    """Largest total IoU over one-to-one matchings of pred to ref boxes.
+def match_boxes(pred, ref):
+    """The one-to-one matching of pred to ref boxes with the largest total IoU: (IoU sum,
+    [(i, j), ...] pairs of a pred index and a ref index, the pairs that overlap at all).
 
     Exact by dynamic programming over the subsets of reference boxes already used (2^R states;
     R is 1-4 here), which is the assignment problem without scipy. Above 8 reference boxes it
@@ -120,23 +126,29 @@ def matched_iou_sum(pred, ref):
     pred, R = pred[:MAX_BOXES], len(ref)
     if R > 8:
         pairs = sorted(((iou(p, r), i, j) for i, p in enumerate(pred) for j, r in enumerate(ref)), reverse=True)
-        used_p, used_r, total = set(), set(), 0.0
+        used_p, used_r, total, out = set(), set(), 0.0, []
         for v, i, j in pairs:
-            if i not in used_p and j not in used_r:
+            if v > 0 and i not in used_p and j not in used_r:
                 used_p.add(i), used_r.add(j)
                 total += v
-        return total
-    best = {0: 0.0}                                      # {mask of used ref boxes: best IoU sum}
-    for p in pred:
+                out.append((i, j))
+        return total, out
+    best = {0: (0.0, ())}                                # {mask of used ref boxes: (best IoU sum, its pairs)}
+    for i, p in enumerate(pred):
         nxt = dict(best)
-        for mask, val in best.items():
+        for mask, (val, pairs) in best.items():
             for j in range(R):
-                if not mask >> j & 1:
-                    m, v = mask | 1 << j, val + iou(p, ref[j])
-                    if v > nxt.get(m, -1.0):
-                        nxt[m] = v
+                v = iou(p, ref[j])
+                if v > 0 and not mask >> j & 1 and val + v > nxt.get(mask | 1 << j, (-1.0,))[0]:
+                    nxt[mask | 1 << j] = (val + v, pairs + ((i, j),))
         best = nxt
-    return max(best.values())
+    total, pairs = max(best.values())
+    return total, list(pairs)
+
+
+def matched_iou_sum(pred, ref):
+    """Largest total IoU over one-to-one matchings of pred to ref boxes (match_boxes)."""
+    return match_boxes(pred, ref)[0]
 
 
 def grounding_scores(pred, ref):
@@ -149,22 +161,24 @@ def grounding_scores(pred, ref):
 
 
 def coordinate_errors(completion, reference):
-    """Per number in `completion`, in order of writing: (region, c, |pred_c - ref_c|) when it is
-    coordinate c (0..3) of a box whose region the reference also boxes, else None. For grpo.py's
-    --credit coord, which credits each coordinate's digits with its own error. Never raises."""
+    """Per number in `completion`, in order of writing: (j, c, |pred_c - ref_c|) when it is
+    coordinate c (0..3) of a reasoning box that the reward's own matching (match_boxes) pairs
+    with reference box j, else None. Matched by geometry, never by wording: a completion that
+    names a region unlike its reference, or writes `(right hemidiaphragm [43, 126, 129, 150])`
+    after a clause, is credited all the same. For grpo.py's --credit coord. Never raises."""
     if not isinstance(completion, str) or not isinstance(reference, str):
         return []
-    ref = {}
-    for region, box in parse(reference).boxes:
-        ref.setdefault(region, box)
+    ref = [b for _, b in parse(reference).boxes]
+    (s0, s1), _ = _reasoning_span(completion)
+    boxes = list(BOX.finditer(completion, s0, s1))[:MAX_BOXES]                  # the boxes the reward scores
+    pred = [[float(v) for v in m.groups()] for m in boxes]
     starts = {m.start(): i for i, m in enumerate(re.finditer(r"\d+", completion))}
     out = [None] * len(starts)
-    for m in BOX.finditer(completion):
-        region = _region_before(completion, m.start())
-        for c in range(4) if region in ref else ():
-            i = starts.get(m.start(c + 1) + m.group(c + 1).startswith("-"))
-            if i is not None:
-                out[i] = (region, c, abs(float(m.group(c + 1)) - ref[region][c]))
+    for i, j in match_boxes(pred, ref)[1]:
+        for c in range(4):
+            k = starts.get(boxes[i].start(c + 1) + boxes[i].group(c + 1).startswith("-"))
+            if k is not None:
+                out[k] = (j, c, abs(pred[i][c] - ref[j][c]))
     return out
 
 

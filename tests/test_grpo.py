@@ -11,6 +11,7 @@ import torch
 import data
 import grpo
 import model as M
+import reward
 
 CFG = grpo.GRPOConfig(beta=0.0, max_new_tokens=10)   # the loss tests add the KL term only where they test it (default 0.3)
 
@@ -85,6 +86,32 @@ def test_coordinate_credit_by_hand():
     # text that does not match its tokens (here: one number too few) gets no box credit at all
     b = grpo.coord_advantages(scores, [texts[0], texts[1][:40]], [ref], ids, is_digit, w, 2, "none")
     assert (b[1][digit[1]] == 0).all()
+
+
+@pytest.mark.parametrize("style", ["({region} [{box}])", "{region} ([{box}])"])
+def test_coordinate_credit_is_matched_by_geometry_not_wording(style):
+    # the paper's two box styles; the completions name the regions unlike the reference, write
+    # them in the other order and after a clause: every coordinate of every box is still credited
+    tok = M.build_tiny_tokenizer()
+    is_digit = grpo.digit_tokens(tok)
+    b = lambda *v: ", ".join(map(str, v))  # noqa: E731
+    ref = ("The heart is enlarged " + style.format(region="cardiac silhouette", box=b(70, 90, 160, 170)) +
+           ", and fluid blunts the angle " + style.format(region="right costophrenic angle", box=b(30, 150, 70, 190)) +
+           ".<answer>yes</answer>")
+    def completion(heart, angle):
+        return ("<think>On the right there is an effusion " + style.format(region="right CP recess", box=b(*angle)) +
+                "; the heart looks big " + style.format(region="heart shadow", box=b(*heart)) +
+                ".</think><answer>yes</answer>")
+    texts = [completion((72, 88, 158, 171), (33, 149, 68, 194)), completion((69, 93, 165, 166), (28, 152, 73, 185))]
+    assert reward.coordinate_errors(texts[0], ref)[:4] == [(1, 0, 3.0), (1, 1, 1.0), (1, 2, 2.0), (1, 3, 4.0)]
+    rows = [tok(t, add_special_tokens=False)["input_ids"] for t in texts]
+    T = max(map(len, rows))
+    ids = torch.tensor([r + [tok.pad_token_id] * (T - len(r)) for r in rows])
+    scores = [reward.score(t, ref, "closed_ended_questions") for t in texts]
+    a = grpo.coord_advantages(scores, texts, [ref], ids, is_digit, reward.DEFAULT_WEIGHTS, 2, "none")
+    digit = is_digit[ids]
+    assert digit.sum() == 40                                  # 8 numbers, 20 digits a row: all read as tokens
+    assert (a[digit] != 0).all()    # every digit of every coordinate (no two errors tie): credited
 
 
 # ----------------------------------------------------------------------------- the clipped loss
