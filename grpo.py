@@ -53,7 +53,7 @@ import reward
 class GRPOConfig(M.MemoryFlags, data.DataFlags):
     init: str = "runs/sft"         # the SFT checkpoint to start from (and the frozen reference when beta > 0)
     out: str = "runs/grpo"         # output directory for metrics, config and the final checkpoint
-    max_steps: int = 350           # GRPO steps (one rollout each): ~15 min on 2 CPU cores
+    max_steps: int = 500           # GRPO steps (one rollout each): ~14 min on 2 CPU cores
     prompts: int = 8               # B: prompts per step
     group_size: int = 8            # G: completions sampled per prompt (>= 2: the group is the baseline)
     temperature: float = 0.7       # sampling temperature of the rollouts (and of the log-probs that score them)
@@ -185,15 +185,15 @@ def accumulate_gradients(policy, roll, adv, old, ref_logp, cfg, amp=torch.float3
     norm = loss_normaliser(mask, cfg)
     total, sums, n_tok = 0.0, {}, 0.0
     last = (roll["completion_ids"].shape[0] - 1) // cfg.micro_batch * cfg.micro_batch
-    for s, prompt in micro_batches(roll, cfg.micro_batch):
+    for s, prompt, repeats in micro_batches(roll, cfg.micro_batch):   # s = (rows, columns)
         if isinstance(policy, torch.nn.parallel.DistributedDataParallel):
-            policy.require_backward_grad_sync = s.start == last   # DDP: all-reduce once, after the last one
+            policy.require_backward_grad_sync = s[0].start == last   # DDP: all-reduce once, after the last one
         with torch.autocast(device.type, dtype=amp, enabled=amp != torch.float32):
-            logp, ent = M.completion_logprobs(policy, prompt, roll["completion_ids"][s], mask[s],
-                                              entropy=True, temperature=cfg.temperature)  # [n, T] each
+            logp, ent = M.completion_logprobs(policy, prompt, roll["completion_ids"][s], mask[s], entropy=True,
+                                              temperature=cfg.temperature, repeats=repeats)   # [n, T] each
         # with mu = 1, pi_old IS the current policy: rho = 1, yet d rho = rho * d log pi, not 0
         old_s = old[s] if old is not None else logp.detach()
-        loss, st = policy_loss(logp, old_s, adv[s], mask[s], cfg, norm,
+        loss, st = policy_loss(logp, old_s, adv[s] if adv.dim() == 2 else adv[s[0]], mask[s], cfg, norm,
                                ref_logp[s] if ref_logp is not None else None)
         loss.backward()
         total += loss.item()
@@ -279,25 +279,32 @@ def coord_advantages(scores, texts, refs, ids, is_digit, weights, group_size, no
 
 # ----------------------------------------------------------------------------- plumbing
 def micro_batches(rollout, size):
-    """Slices of the rollout's rows, each with its own prompt tensors (pixel_values are per patch,
-    not per row, so they are cut by each row's patch count)."""
-    p, N = rollout["prompt"], rollout["completion_ids"].shape[0]
-    patches = p["image_grid_thw"].prod(-1)                             # [N] patches per row
+    """The rollout cut for memory: yields (s, prompt, repeats) where s = (rows, columns) indexes
+    every [N, T] tensor: `size` rows, and only the columns up to their longest completion (one long
+    completion would otherwise pad the whole rollout to its length). prompt: the distinct prompts
+    those rows continue, repeats: how many of the rows continue each one (a group may straddle two
+    micro-batches: its prompt is then prefilled in both). pixel_values are per patch: cut by patch."""
+    p, G, N = rollout["prompt"], rollout["group_size"], rollout["completion_ids"].shape[0]
+    lengths = rollout["completion_mask"].sum(1)                        # [N]
+    patches = p["image_grid_thw"].prod(-1)                             # [B] patches per prompt
     starts = torch.cat([patches.new_zeros(1), patches.cumsum(0)])
     for i in range(0, N, size):
         j = min(i + size, N)
-        prompt = {k: v[i:j] for k, v in p.items() if k != "pixel_values"}
-        prompt["pixel_values"] = p["pixel_values"][starts[i]: starts[j]]
-        yield slice(i, j), prompt
+        b0, b1 = i // G, (j - 1) // G + 1                               # prompts of rows i..j-1
+        prompt = {k: v[b0:b1] for k, v in p.items() if k != "pixel_values"}
+        prompt["pixel_values"] = p["pixel_values"][starts[b0]: starts[b1]]
+        s = (slice(i, j), slice(0, max(1, int(lengths[i:j].max()))))
+        yield s, prompt, [min(j, (b + 1) * G) - max(i, b * G) for b in range(b0, b1)]
 
 
 @torch.no_grad()
 def logprobs(model, rollout, size, temperature):
     """Completion log-probs of the whole rollout at the sampling temperature, micro-batched,
-    without a graph: [N, T]."""
-    return torch.cat([M.completion_logprobs(model, prompt, rollout["completion_ids"][s],
-                                                rollout["completion_mask"][s], temperature=temperature)
-                          for s, prompt in micro_batches(rollout, size)])
+    without a graph: [N, T] (0 past each micro-batch's longest completion)."""
+    ids, mask, T = rollout["completion_ids"], rollout["completion_mask"], rollout["completion_ids"].shape[1]
+    return torch.cat([torch.nn.functional.pad(
+        M.completion_logprobs(model, prompt, ids[s], mask[s], temperature=temperature, repeats=repeats),
+        (0, T - s[1].stop)) for s, prompt, repeats in micro_batches(rollout, size)])
 
 
 def show(texts, rewards, rows, G, k=2):

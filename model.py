@@ -634,85 +634,160 @@ def tokenize_completions(processor, texts, end_token_id):
 
 
 # ----------------------------------------------------------------------------- the two operations
-# generate() fills every knob we do not pass from the CHECKPOINT's generation_config, and Qwen2.5-VL
-# checkpoints ship repetition_penalty 1.05, top_k 1 and top_p 0.001: rollouts would then come from
-# a distribution other than softmax(logits / T), the policy whose log-probs GRPO scores. So every
-# knob that shapes the distribution is set here, to "off" (tested with such a checkpoint).
-NEUTRAL_SAMPLING = dict(top_k=0, min_p=None, typical_p=1.0, epsilon_cutoff=0.0, eta_cutoff=0.0, top_h=None,
-                        repetition_penalty=1.0, encoder_repetition_penalty=1.0, no_repeat_ngram_size=0,
-                        encoder_no_repeat_ngram_size=0, bad_words_ids=None, sequence_bias=None, min_length=0,
-                        min_new_tokens=None, begin_suppress_tokens=None, forced_bos_token_id=None,
-                        forced_eos_token_id=None, exponential_decay_length_penalty=None, guidance_scale=None,
-                        renormalize_logits=False, watermarking_config=None, num_beams=1)
+# GRPO asks two things of the model: SAMPLE G completions per prompt, and SCORE completions (their
+# log-probs, with a graph for the update). Both start the same way: a group's G rows share one
+# image and one prompt, so the vision tower and the prompt's transformer pass run ONCE per
+# distinct prompt (prefill), and the G rows continue from copies of its KV cache. Invariant: the
+# rows of prompt b are rows sum(repeats[:b]) .. sum(repeats[:b+1]) - 1 of every [N, ...] tensor.
+def _core(model):
+    """The Qwen2(.5)-VL backbone under any DDP wrapper: it owns get_rope_index."""
+    return getattr(model, "module", model).model
+
+
+def prefill(model, prompt):
+    """Run B distinct prompts once. -> (logits of the last prompt position [B, V], the KV cache of
+    the B prompts, the 1-D position of the first completion token [B]).
+
+    Positions are Qwen's M-RoPE (3-D over the image, 1-D after it), computed here once and passed
+    in, so the model keeps no rope state between calls. Text after the image continues from the
+    largest position so far, equal in all three dimensions: completion token t sits at next + t.
+    """
+    pos, _ = _core(model).get_rope_index(prompt["input_ids"], prompt["mm_token_type_ids"],
+                                         image_grid_thw=prompt["image_grid_thw"],
+                                         attention_mask=prompt["attention_mask"])      # [3, B, P]
+    out = model(**prompt, position_ids=pos, use_cache=True, logits_to_keep=1)
+    return out.logits[:, -1], out.past_key_values, pos.amax(dim=(0, 2)) + 1           # [B, V], cache, [B]
+
+
+def _draw(logits, temperature, top_p):
+    """One token per row from softmax(logits / T), restricted to the top-p nucleus. [n, V] -> [n]."""
+    logits = logits / temperature
+    if top_p < 1.0:   # drop the tail whose cumulative probability is below 1 - top_p (the top token always stays)
+        sorted_logits, order = logits.sort(-1)
+        tail = sorted_logits.softmax(-1).cumsum(-1) <= 1 - top_p
+        tail[:, -1] = False
+        logits = logits.masked_fill(tail.scatter(1, order, tail), float("-inf"))
+    return torch.multinomial(logits.softmax(-1), 1).squeeze(1)
 
 
 @torch.no_grad()
 def sample(model, processor, images, questions, group_size=1, max_new_tokens=160,
            temperature=1.0, top_p=1.0, greedy=False):
-    """Sample `group_size` completions per prompt in ONE batched, KV-cached generate call.
+    """Sample `group_size` completions per prompt: one prefill per prompt, then a KV-cached decode
+    loop over the B * G rows that drops each row once it has ended.
 
     B prompts -> N = B * G rows, prompt i's group in rows i*G .. i*G+G-1. Returns a dict:
-      prompt           BatchFeature of the N left-padded prompts (reused to score the completions)
-      completion_ids   [N, T] sampled tokens (T = longest completion in the batch)
+      prompt           BatchFeature of the B distinct left-padded prompts (the scoring forward reuses it)
+      group_size       G
+      completion_ids   [N, T] sampled tokens, pad after the end (T = longest completion in the batch)
       completion_mask  [N, T] 1 up to and including the first end-of-turn token
       texts            N decoded completions (think/answer tags kept, end token dropped)
       truncated        [N] bool, True where no end-of-turn token was produced
+    The loop reads nothing but the logits: generate() would also apply the checkpoint's
+    generation_config (Qwen2.5-VL ships repetition_penalty 1.05, top_k 1, top_p 0.001), and then
+    the rollouts would come from another distribution than softmax(logits / T), the one scored.
     """
-    device, end = next(model.parameters()).device, end_ids(model)
-    images = [im for im in images for _ in range(group_size)]
-    questions = [q for q in questions for _ in range(group_size)]
-    prompt = build_prompts(processor, images, questions).to(device)
-    knobs = dict(do_sample=False) if greedy else dict(do_sample=True, temperature=temperature, top_p=top_p)
-    was_training = model.training
-    model.eval()      # with gradient checkpointing on, a training-mode generate() would drop its KV cache
+    device, tok = next(model.parameters()).device, processor.tokenizer
+    end = torch.tensor(end_ids(model), device=device)
     # a completion must never hold a vision placeholder: the forward that scores it would count an
     # <|image_pad|> there as an image token with no image feature and fail (a random-init model
     # does sample them). Suppressed, they get probability 0 here and ~0 in a trained model anyway.
-    tok = processor.tokenizer
-    vision = [tok.convert_tokens_to_ids(t) for t in VISION_TOKENS]
-    out = model.generate(**prompt, max_new_tokens=max_new_tokens, use_cache=True,
-                         pad_token_id=tok.pad_token_id, eos_token_id=end,
-                         suppress_tokens=[i for i in vision if i not in (None, tok.unk_token_id)],
-                         **NEUTRAL_SAMPLING, **knobs)
+    banned = [i for i in tok.convert_tokens_to_ids(VISION_TOKENS) if i not in (None, tok.unk_token_id)]
+    prompt = build_prompts(processor, images, questions).to(device)                   # B prompts
+    was_training = model.training
+    model.eval()      # with gradient checkpointing on, a training-mode forward would drop its KV cache
+    logits, cache, pos = prefill(model, prompt)                                        # [B, V], cache, [B]
+    G, N = group_size, len(images) * group_size
+    cache.batch_repeat_interleave(G)                                                   # B -> N rows
+    logits, pos = logits.repeat_interleave(G, 0), pos.repeat_interleave(G)             # [N, V], [N]
+    attention = prompt["attention_mask"].repeat_interleave(G, 0)                       # [N, P]
+    ids = torch.full((N, max_new_tokens), tok.pad_token_id, dtype=torch.long, device=device)
+    alive = torch.arange(N, device=device)             # the rows still writing, in the cache's order
+    T = 0
+    for t in range(max_new_tokens):
+        logits[:, banned] = float("-inf")
+        nxt = logits.argmax(-1) if greedy else _draw(logits.float(), temperature, top_p)   # [n]
+        ids[alive, t], T = nxt, t + 1
+        going = ~torch.isin(nxt, end)
+        if not going.all():                            # ended rows leave the batch (and the cache)
+            if not going.any():
+                break
+            keep = going.nonzero().squeeze(1)
+            cache.batch_select_indices(keep)
+            alive, attention, pos, nxt = alive[keep], attention[keep], pos[keep], nxt[keep]
+        attention = torch.cat([attention, attention.new_ones(len(alive), 1)], 1)     # [n, P + t + 1]
+        logits = model(input_ids=nxt[:, None], attention_mask=attention, past_key_values=cache, use_cache=True,
+                       position_ids=(pos + t).view(1, -1, 1).expand(3, -1, 1)).logits[:, -1]   # [n, V]
     model.train(was_training)
-    ids = out[:, prompt["input_ids"].shape[1]:]                               # [N, T]
-    mask = completion_mask(ids, end)                                          # [N, T]
-    ended = torch.isin(ids, torch.tensor(end, device=device)).any(1)
-    texts = tok.batch_decode(
-        [row[: int(m.sum())] for row, m in zip(ids, mask)], skip_special_tokens=True)
-    return {"prompt": prompt, "completion_ids": ids, "completion_mask": mask, "texts": texts,
-            "truncated": ~ended}
+    ids = ids[:, :T]                                                                   # [N, T]
+    mask = completion_mask(ids, end.tolist())                                          # [N, T]
+    texts = tok.batch_decode([row[: int(m.sum())] for row, m in zip(ids, mask)], skip_special_tokens=True)
+    return {"prompt": prompt, "group_size": G, "completion_ids": ids, "completion_mask": mask, "texts": texts,
+            "truncated": ~torch.isin(ids, end).any(1)}
 
 
-def completion_logprobs(model, prompt, completion_ids, completion_mask, entropy=False, temperature=1.0):
+def _per_prompt(repeats, prompt):
+    """repeats as a [B] tensor: an int means the same for every prompt."""
+    B, device = prompt["input_ids"].shape[0], prompt["input_ids"].device
+    return torch.full((B,), repeats, device=device) if isinstance(repeats, int) else torch.as_tensor(repeats, device=device)
+
+
+def expand_prompt(prompt, repeats):
+    """B prompts -> N rows, prompt b repeated repeats[b] times (pixel_values by each image's patches)."""
+    repeats = _per_prompt(repeats, prompt)
+    out = {k: v.repeat_interleave(repeats, 0) for k, v in prompt.items() if k != "pixel_values"}
+    patches = prompt["image_grid_thw"].prod(-1)                                       # [B]
+    first = torch.cat([patches.new_zeros(1), patches.cumsum(0)[:-1]])                 # [B]
+    rows = torch.cat([torch.arange(f, f + n, device=patches.device).repeat(int(r))
+                      for f, n, r in zip(first.tolist(), patches.tolist(), repeats.tolist())])
+    out["pixel_values"] = prompt["pixel_values"][rows]
+    return out
+
+
+def completion_logprobs(model, prompt, completion_ids, completion_mask, entropy=False, temperature=1.0, repeats=1):
     """log pi(y_t | image, prompt, y_<t) for every completion token: [N, T].
 
-    One forward over [prompt | completion]. Logits at position P-1+t predict completion token t,
-    so we keep only the last T+1 positions (`logits_to_keep`: no [N, P+T, V] tensor for a 150k
-    vocabulary). mm_token_type_ids is extended with zeros (text) over the completion so the 3-D
-    rotary positions are computed exactly as during generation.
+    `prompt` holds B distinct prompts; prompt b is followed by `repeats[b]` completions (an int:
+    the same for all; N = sum of repeats). The prompts are prefilled once and their KV cache
+    repeated for the completions, so gradients reach the prompt pass and the vision tower through
+    every row that shares them: the same log-probs and gradient as a forward over N copies of
+    [prompt | completion] (tested), for a fraction of the work. Under gradient checkpointing
+    (which disables the cache) or DDP (one forward per backward) it runs that per-row forward.
+    Logits at position P-1+t predict completion token t: the prefill's last logits predict token 0.
     Values past the end-of-turn token are meaningless: multiply by the mask before using them.
     entropy=True also returns each position's policy entropy in nats, [N, T], without a graph.
     `temperature`: the policy is softmax(logits / T). GRPO samples at T = 0.7, so it must score
     at T = 0.7 too, or the ratio, the KL and the gradient belong to another policy than the one
     that wrote the completions (TRL and verl divide the same way). SFT and evaluation use T = 1.
     """
-    T = completion_ids.shape[1]
-    input_ids = torch.cat([prompt["input_ids"], completion_ids], 1)                          # [N, P+T]
-    attention_mask = torch.cat([prompt["attention_mask"], completion_mask.to(prompt["attention_mask"].dtype)], 1)
-    mm_token_type_ids = torch.cat([prompt["mm_token_type_ids"], torch.zeros_like(completion_ids)], 1)
-    logits = model(input_ids=input_ids, attention_mask=attention_mask, mm_token_type_ids=mm_token_type_ids,
-                   pixel_values=prompt["pixel_values"], image_grid_thw=prompt["image_grid_thw"],
-                   logits_to_keep=T + 1, use_cache=False).logits[:, :-1].float()            # [N, T, V]
+    T, repeats = completion_ids.shape[1], _per_prompt(repeats, prompt)
+    per_row = getattr(model, "is_activation_checkpointing", False) or isinstance(model, torch.nn.parallel.DistributedDataParallel)
+    if per_row or bool((repeats == 1).all()):          # one forward over [prompt | completion] per row
+        p = expand_prompt(prompt, repeats) if not bool((repeats == 1).all()) else prompt
+        logits = model(input_ids=torch.cat([p["input_ids"], completion_ids], 1),                    # [N, P+T]
+                       attention_mask=torch.cat([p["attention_mask"], completion_mask.to(p["attention_mask"].dtype)], 1),
+                       # zeros (text) over the completion: the 3-D positions come out as in sampling
+                       mm_token_type_ids=torch.cat([p["mm_token_type_ids"], torch.zeros_like(completion_ids)], 1),
+                       pixel_values=p["pixel_values"], image_grid_thw=p["image_grid_thw"],
+                       logits_to_keep=T + 1, use_cache=False).logits[:, :-1]                       # [N, T, V]
+    else:                                              # shared prompts: prefill B, continue N
+        last, cache, pos = prefill(model, prompt)                                                  # [B, V], cache, [B]
+        cache.batch_repeat_interleave(repeats)                                                     # B -> N rows
+        pos = pos.repeat_interleave(repeats)[:, None] + torch.arange(T, device=pos.device)        # [N, T]
+        attention = torch.cat([prompt["attention_mask"].repeat_interleave(repeats, 0),
+                               completion_mask.to(prompt["attention_mask"].dtype)], 1)            # [N, P+T]
+        rest = model(input_ids=completion_ids, attention_mask=attention, past_key_values=cache,
+                     position_ids=pos.unsqueeze(0).expand(3, -1, -1), use_cache=True).logits     # [N, T, V]
+        logits = torch.cat([last.repeat_interleave(repeats, 0).unsqueeze(1), rest[:, :-1]], 1)    # [N, T, V]
+    logits = logits.float()
     if temperature != 1.0:
         logits = logits / temperature
     picked = logits.gather(-1, completion_ids.unsqueeze(-1)).squeeze(-1)                    # [N, T]
     logp = picked - torch.logsumexp(logits, dim=-1)                                          # [N, T]
     if not entropy:
         return logp
-    with torch.no_grad():
-        dist = torch.log_softmax(logits, -1)                                                 # [N, T, V]
-        return logp, -(dist.exp() * dist).sum(-1)                                            # [N, T]
+    with torch.no_grad():   # row by row: a [T, V] temporary, not two more [N, T, V] float32 copies
+        return logp, torch.stack([-(d.exp() * d).sum(-1) for d in map(lambda x: torch.log_softmax(x, -1), logits)])
 
 
 # ----------------------------------------------------------------------------- plumbing
@@ -739,48 +814,3 @@ def parse_config(cls, doc="", nargs=None):
                         const=True if is_bool else None,   # a bare `--resume` means `--resume true`
                         help=f"{comments.get(f.name, '')} (default: {f.default})".replace("%", "%%"))
     return cls(**vars(ap.parse_args()))
-
-
-# ----------------------------------------------------------------------------- benchmark
-def benchmark(name="tiny", device="auto", batch_size=16, n_prompts=4, group_size=16, max_new_tokens=128, repeats=3):
-    """Print the costs that size a training run: parameters, forward+backward at `batch_size`
-    on reference traces, and one batched generate of n_prompts * group_size completions."""
-    import time
-    import data
-    device, amp = pick_device(device)
-    model, processor = load(name, device)
-    rows = [data.make_sample("train", i) for i in range(batch_size)]
-    images, questions = [r["image"] for r in rows], [r["question"] for r in rows]
-    print(f"{name} on {device} (autocast {amp}): {sum(p.numel() for p in model.parameters()):,} parameters")
-    prompt = build_prompts(processor, images, questions).to(device)
-    ids, mask = tokenize_completions(processor, [r["response"] for r in rows], end_ids(model)[0])
-    ids, mask = ids.to(device), mask.to(device)
-    print(f"  batch of {batch_size}: prompt {tuple(prompt['input_ids'].shape)}, completion {tuple(ids.shape)}")
-    times = []
-    for _ in range(repeats + 1):                       # the first pass warms up allocators: not counted
-        t = time.perf_counter()
-        with torch.autocast(device.type, dtype=amp, enabled=amp != torch.float32):
-            loss = -(completion_logprobs(model, prompt, ids, mask) * mask).sum() / mask.sum()
-        loss.backward()
-        model.zero_grad(set_to_none=True)
-        times.append(time.perf_counter() - t)
-    print(f"  forward+backward, batch {batch_size}: {min(times[1:]):.3f} s (best of {repeats})")
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        out = sample(model, processor, images[:n_prompts], questions[:n_prompts], group_size, max_new_tokens)
-        times.append(time.perf_counter() - t)
-    n = n_prompts * group_size
-    print(f"  generate {n} completions x {max_new_tokens} new tokens max (mean length "
-          f"{out['completion_mask'].sum(1).mean():.0f}): {min(times):.3f} s (best of {repeats})")
-
-
-if __name__ == "__main__":
-    ap = argparse.ArgumentParser(description="Benchmark a model through this file's loader and helpers.")
-    ap.add_argument("--model", default="tiny", help="'tiny', a Hub id or a checkpoint directory")
-    ap.add_argument("--device", default="auto", help="'auto' (CUDA if available), 'cpu' or 'cuda'")
-    ap.add_argument("--batch-size", type=int, default=16, help="sequences per forward+backward")
-    ap.add_argument("--group-size", type=int, default=16, help="completions per prompt in the generate timing")
-    ap.add_argument("--max-new-tokens", type=int, default=128, help="generation budget per completion")
-    a = ap.parse_args()
-    benchmark(a.model, a.device, a.batch_size, group_size=a.group_size, max_new_tokens=a.max_new_tokens)

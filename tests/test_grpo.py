@@ -189,6 +189,8 @@ def _rollout(n_prompts=2, G=3):
     rows = [data.make_sample("train", i) for i in range(n_prompts)]
     roll = M.sample(policy, processor, [r["image"] for r in rows], [r["question"] for r in rows], G,
                     max_new_tokens=10)
+    for i, n in enumerate([10, 4, 7, 2, 9, 3][:n_prompts * G]):   # completions of different lengths, as if ended
+        roll["completion_mask"][i, n:] = 0
     return policy, roll
 
 
@@ -208,12 +210,15 @@ def test_micro_batched_update_equals_unbatched(agg):
         assert torch.allclose(g, grads[0], rtol=1e-4, atol=1e-6)
 
 
-def test_micro_batches_cut_pixel_values_by_row():
-    _, roll = _rollout()
+def test_micro_batches_cut_prompts_by_group():
+    _, roll = _rollout()                                             # 2 prompts x G = 3
     parts = list(grpo.micro_batches(roll, 4))
-    assert [s.stop - s.start for s, _ in parts] == [4, 2]
-    assert torch.equal(torch.cat([p["pixel_values"] for _, p in parts]), roll["prompt"]["pixel_values"])
-    for s, p in parts:
+    assert [(s[0].start, s[0].stop, r) for s, _, r in parts] == [(0, 4, [3, 1]), (4, 6, [2])]   # group 2 straddles
+    lengths = roll["completion_mask"].sum(1)
+    assert [s[1].stop for s, _, _ in parts] == [int(lengths[:4].max()), int(lengths[4:].max())]   # columns: to the longest
+    assert torch.equal(parts[0][1]["input_ids"], roll["prompt"]["input_ids"])
+    assert torch.equal(parts[1][1]["input_ids"], roll["prompt"]["input_ids"][1:])
+    for _, p, _ in parts:
         assert p["pixel_values"].shape[0] == int(p["image_grid_thw"].prod(-1).sum())
 
 
@@ -258,5 +263,9 @@ def test_grpo_smoke_then_evaluate(tmp_path):
     model, _ = M.load(str(out))                                   # saved with save_pretrained
     before, _ = M.load(str(init))
     changed = any(not torch.equal(a, b) for a, b in zip(model.parameters(), before.parameters()))
-    # a random-init model usually earns equal rewards in every group: then nothing may change
-    assert changed == any(x["zero_std_groups"] < 1 for x in lines)
+    # a random-init model usually earns equal rewards in every group: then its gradient is only
+    # the float noise of a KL between two equal models (which AdamW's normalisation still turns into a step)
+    if all(x["zero_std_groups"] == 1 for x in lines):
+        assert max(x["grad_norm"] for x in lines) < 1e-3
+    else:
+        assert changed

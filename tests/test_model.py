@@ -77,24 +77,76 @@ def test_mm_token_type_ids_change_the_logits(tiny, batch):
     assert (with_3d - without).abs().max() > 1e-3
 
 
-def test_sampling_groups_and_logprobs_match_generation(tiny, batch):
+def test_a_sampled_rollout_has_the_group_layout_shapes_and_masks(tiny, batch):
     model, processor = tiny
     images, questions, _ = batch
     torch.manual_seed(0)
-    out = M.sample(model, processor, images[:2], questions[:2], group_size=3, max_new_tokens=12)
+    out = M.sample(model, processor, images[:2], questions[:2], group_size=3, max_new_tokens=12, temperature=0.7)
     ids, mask, prompt = out["completion_ids"], out["completion_mask"], out["prompt"]
-    assert ids.shape[0] == 6 and len(out["texts"]) == 6 and mask.shape == ids.shape
-    assert torch.equal(prompt["input_ids"][0], prompt["input_ids"][2])              # one group, one prompt
-    assert not torch.equal(prompt["input_ids"][2], prompt["input_ids"][3])
-    # The scoring pass must see what generation saw: same 3-D positions, same logits.
+    assert prompt["input_ids"].shape[0] == 2 and out["group_size"] == 3                # each prompt once
+    assert ids.shape[0] == 6 and len(out["texts"]) == 6 and mask.shape == ids.shape and ids.shape[1] <= 12
+    end, pad = M.end_ids(model), processor.tokenizer.pad_token_id
+    for i in range(6):
+        n = int(mask[i].sum())
+        assert torch.equal(mask[i], (torch.arange(ids.shape[1]) < n).float())         # 1s, then 0s
+        if out["truncated"][i]:
+            assert n == ids.shape[1] == 12
+        else:
+            assert ids[i, n - 1] in end and (ids[i, n:] == pad).all()                  # ends once, then padding
+    # the layout: rows 0-2 continue prompt 0 and rows 3-5 prompt 1 (greedy groups repeat their prompt's answer)
+    g = M.sample(model, processor, images[:2], questions[:2], group_size=3, max_new_tokens=12, greedy=True)["completion_ids"]
+    for b in range(2):
+        alone = M.sample(model, processor, images[b:b + 1], questions[b:b + 1], max_new_tokens=12, greedy=True)
+        for r in range(3 * b, 3 * b + 3):
+            assert torch.equal(g[r, :alone["completion_ids"].shape[1]], alone["completion_ids"][0])
+
+
+def test_the_decode_loop_is_generate_and_the_scoring_forward_sees_what_it_saw(tiny, batch):
+    model, processor = tiny
+    images, questions, _ = batch
+    prompt = M.build_prompts(processor, images, questions)
     gen = model.generate(**prompt, max_new_tokens=12, do_sample=False, output_logits=True,
                          return_dict_in_generate=True, pad_token_id=processor.tokenizer.pad_token_id)
     g_ids = gen.sequences[:, prompt["input_ids"].shape[1]:]
     g_mask = M.completion_mask(g_ids, M.end_ids(model))
+    ours = M.sample(model, processor, images, questions, max_new_tokens=12, greedy=True)
+    assert torch.equal(ours["completion_ids"] * ours["completion_mask"].long(), (g_ids * g_mask.long())[:, :ours["completion_ids"].shape[1]])
+    # the scoring pass must see what generation saw: same 3-D positions, same logits
     want = torch.stack([torch.log_softmax(l.float(), -1) for l in gen.logits], 1).gather(-1, g_ids[..., None])[..., 0]
     with torch.no_grad():
         got = M.completion_logprobs(model, prompt, g_ids, g_mask)
     assert torch.allclose(got * g_mask, want * g_mask, atol=1e-4)
+
+
+@pytest.mark.parametrize("vision_trained", [True, False])
+def test_shared_prompt_scoring_equals_the_per_row_forward(batch, vision_trained):
+    # each prompt prefilled once and its cache repeated for its G completions: the same log-probs
+    # AND the same gradient (into the prompt pass and the vision tower) as G full copies
+    model, processor = M.load("tiny")
+    model.model.visual.requires_grad_(vision_trained)
+    images, questions, _ = batch
+    torch.manual_seed(0)
+    out = M.sample(model, processor, images[:2], questions[:2], group_size=3, max_new_tokens=10, temperature=1.0)
+    ids, mask, repeats = out["completion_ids"], out["completion_mask"], [2, 4]      # any split of the 6 rows
+    grads, logps = [], []
+    for prompt, r in ((out["prompt"], repeats), (M.expand_prompt(out["prompt"], repeats), 1)):
+        model.zero_grad()
+        logp = M.completion_logprobs(model, prompt, ids, mask, temperature=0.7, repeats=r)
+        (-(logp * mask).sum()).backward()
+        logps.append(logp.detach() * mask)
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    assert torch.allclose(logps[0], logps[1], atol=1e-5)
+    assert grads[0].keys() == grads[1].keys() and any("visual" in n for n in grads[0]) == vision_trained
+    for n in grads[0]:
+        assert torch.allclose(grads[0][n], grads[1][n], rtol=1e-4, atol=1e-6), n
+
+
+def test_top_p_keeps_the_nucleus():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05], [0.05, 0.15, 0.3, 0.5]]))
+    torch.manual_seed(0)
+    draws = torch.stack([M._draw(logits, 1.0, 0.75) for _ in range(400)])             # nucleus: 0.5 + 0.3
+    assert set(draws[:, 0].tolist()) == {0, 1} and set(draws[:, 1].tolist()) == {2, 3}
+    assert set(torch.stack([M._draw(logits, 1.0, 0.4) for _ in range(50)]).flatten().tolist()) <= {0, 3}  # the top one
 
 
 def test_scoring_at_the_sampling_temperature_is_the_sampling_distribution(tiny, batch):
@@ -133,7 +185,7 @@ def test_sampler_ignores_the_checkpoints_generation_config(batch, tmp_path):
     assert torch.equal(clean["completion_ids"], dirty["completion_ids"])
     # and the knobs really do act when generate() is left to the checkpoint's config
     torch.manual_seed(0)
-    raw = loaded.generate(**dirty["prompt"], max_new_tokens=12, do_sample=True,
+    raw = loaded.generate(**M.expand_prompt(dirty["prompt"], 3), max_new_tokens=12, do_sample=True,
                           pad_token_id=processor.tokenizer.pad_token_id)
     assert not torch.equal(raw[:, dirty["prompt"]["input_ids"].shape[1]:], clean["completion_ids"])
 
@@ -151,7 +203,7 @@ def test_sampling_never_emits_a_vision_placeholder(batch):
     vision = processor.tokenizer.convert_tokens_to_ids(M.VISION_TOKENS)
     assert pad in vision and not torch.isin(out["completion_ids"], torch.tensor(vision)).any()
     with torch.no_grad():
-        M.completion_logprobs(model, out["prompt"], out["completion_ids"], out["completion_mask"])
+        M.completion_logprobs(model, out["prompt"], out["completion_ids"], out["completion_mask"], repeats=2)
 
 
 def test_save_then_load_through_the_checkpoint_path(tiny, batch, tmp_path):
@@ -187,7 +239,7 @@ def test_qwen2_vl_checkpoints_load_too(tiny, batch, tmp_path):
     assert type(loaded).__name__ == "Qwen2VLForConditionalGeneration"
     out = M.sample(loaded, proc, batch[0][:1], batch[1][:1], group_size=2, max_new_tokens=4)
     with torch.no_grad():
-        lp = M.completion_logprobs(loaded, out["prompt"], out["completion_ids"], out["completion_mask"])
+        lp = M.completion_logprobs(loaded, out["prompt"], out["completion_ids"], out["completion_mask"], repeats=2)
     assert lp.shape == out["completion_ids"].shape and torch.isfinite(lp).all()
 
 
@@ -201,7 +253,7 @@ def test_the_3b_architecture_at_toy_widths_loads_at_the_224_frame(tmp_path):
     assert M.image_frame(proc, data.GEMEX_FRAME) == 224 and model.config.vision_config.window_size == 112
     s = data.make_sample("test", 0, frame=224)
     out = M.sample(model, proc, [s["image"]], [s["question"]], group_size=2, max_new_tokens=3)
-    assert int((out["prompt"]["input_ids"] == proc.image_token_id).sum()) == 2 * 64   # group of 2: the prompt twice
+    assert int((out["prompt"]["input_ids"] == proc.image_token_id).sum()) == 64   # a group of 2 shares one prompt
 
 
 def test_bad_checkpoint_names_the_path(tmp_path):
