@@ -35,6 +35,7 @@ from PIL import Image, ImageDraw
 
 import data
 import model as M
+import run
 import reward
 
 METRICS = ["format_rate", "accuracy", "mean_iou", "iou50_rate", "grounding_rate", "consistency_rate", "mean_length"]
@@ -99,7 +100,7 @@ def greedy_means(model, processor, rows):
 def run_checkpoint(path, cfg, device, rows=None):
     """Load a checkpoint and score it -> (per-sample records keyed like METRICS, texts, rows).
     The rows are loaded with the first checkpoint, at the frame its processor gives images."""
-    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}.get(cfg.dtype) or M.pick_device(str(device))[1]
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}.get(cfg.dtype) or run.pick_device(str(device))[1]
     model, processor = M.load(path, device, dtype)
     if rows is None:
         frame = M.image_frame(processor, data.GEMEX_FRAME)
@@ -235,7 +236,7 @@ def curves(path, checkpoints, smooth=10):
 # ----------------------------------------------------------------------------- main
 def main(cfg, checkpoints):
     check(cfg)
-    device, _ = M.pick_device(cfg.device)
+    device, _ = run.pick_device(cfg.device)
     print(f"device {device}; {cfg.data} {cfg.split} split, {cfg.n} samples, greedy decoding")
     rows, records, texts = None, [], []
     for c in checkpoints:               # the same rows for every checkpoint: paired comparisons
@@ -266,5 +267,5 @@ def main(cfg, checkpoints):
 
 
 if __name__ == "__main__":
-    cfg = M.parse_config(EvalConfig, __doc__, nargs={"checkpoint": "+"})
+    cfg = run.parse_config(EvalConfig, __doc__, nargs={"checkpoint": "+"})
     main(cfg, cfg.checkpoint if isinstance(cfg.checkpoint, list) else [cfg.checkpoint])

@@ -44,13 +44,14 @@ from tqdm import tqdm
 import data
 import evaluate
 import model as M
+import run
 import reward
 
 # ----------------------------------------------------------------------------- config
 # Inherited flags: --data, --data-path, --image-root (data.DataFlags) and --dtype, --max-pixels,
 # --freeze-vision, --grad-checkpointing, --lora-* (model.MemoryFlags).
 @dataclass
-class GRPOConfig(M.MemoryFlags, data.DataFlags):
+class GRPOConfig(run.MemoryFlags, data.DataFlags):
     init: str = "runs/sft"         # the SFT checkpoint to start from (and the frozen reference when beta > 0)
     out: str = "runs/grpo"         # output directory for metrics, config and the final checkpoint
     max_steps: int = 500           # GRPO steps (one rollout each): ~14 min on 2 CPU cores
@@ -109,7 +110,7 @@ def check(cfg):
            ((cfg.train_size == 0 or cfg.prompts <= cfg.train_size) and
             (cfg.data != "synthetic" or cfg.train_size <= data.DataConfig.n_train),
             f"--train-size must be 0 (all) or in --prompts..{data.DataConfig.n_train}"),
-           *data.DataFlags.problems(cfg), *M.MemoryFlags.problems(cfg),
+           *data.DataFlags.problems(cfg), *run.MemoryFlags.problems(cfg),
            (cfg.eval_every >= 0 and 1 <= cfg.eval_n and (cfg.data != "synthetic" or cfg.eval_n <= data.DataConfig.n_val),
             f"--eval-every must be >= 0 and --eval-n in 1..{data.DataConfig.n_val}"),
            (cfg.save_every >= 0 and cfg.keep >= 1 and cfg.max_bad_steps >= 1,
@@ -317,21 +318,21 @@ def show(texts, rewards, rows, G, k=2):
 # ----------------------------------------------------------------------------- main
 def main(cfg):
     check(cfg)
-    device, amp = M.pick_device(cfg.device)
-    rank, world, device = M.ddp_init(device)                      # (0, 1, device) without torchrun
+    device, amp = run.pick_device(cfg.device)
+    rank, world, device = run.ddp_init(device)                      # (0, 1, device) without torchrun
     master = rank == 0
     print(f"device {device}, autocast {amp}" + (f", rank {rank} of {world}" if world > 1 else ""))
     random.seed(cfg.seed + rank)
     torch.manual_seed(cfg.seed + rank)                            # ranks sample different completions
-    ckpt, state = M.open_run(cfg.out, cfg.resume)
+    ckpt, state = run.open_run(cfg.out, cfg.resume)
     if master:
         json.dump(asdict(cfg), open(os.path.join(cfg.out, "run_config.json"), "w"), indent=2)
     # LoRA resumes from the init + the adapters in the checkpoint's state (bit-exact);
     # full fine-tuning from the checkpoint's weights
-    policy, processor = M.load(cfg.init if cfg.lora_r else ckpt or cfg.init, device, M.weights_dtype(cfg.dtype))
-    M.apply_memory_plan(policy, processor, cfg)
+    policy, processor = M.load(cfg.init if cfg.lora_r else ckpt or cfg.init, device, run.weights_dtype(cfg.dtype))
+    run.apply_memory_plan(policy, processor, cfg)
     if state and cfg.lora_r:
-        M.load_adapters(policy, state["adapters"])
+        run.load_adapters(policy, state["adapters"])
     policy.train()
     net = torch.nn.parallel.DistributedDataParallel(policy) if world > 1 else policy   # the update goes through net
     ref = None
@@ -341,7 +342,7 @@ def main(cfg):
 
     def reference(roll):   # log pi_ref [N, T]; under LoRA the frozen init IS the policy with its adapters off
         if cfg.lora_r:
-            with M.adapters_off(policy):
+            with run.adapters_off(policy):
                 return logprobs(policy, roll, cfg.micro_batch, cfg.temperature)
         return logprobs(ref, roll, cfg.micro_batch, cfg.temperature)
 
@@ -357,7 +358,7 @@ def main(cfg):
     if not cfg.max_new_tokens:
         cfg.max_new_tokens = M.completion_budget(processor, train["response"])
     weights = {k: getattr(cfg, f"w_{k}") for k in reward.REWARDS}
-    opt = M.adamw([p for p in policy.parameters() if p.requires_grad], lr=cfg.lr, betas=(0.9, 0.99), weight_decay=cfg.weight_decay)
+    opt = run.adamw([p for p in policy.parameters() if p.requires_grad], lr=cfg.lr, betas=(0.9, 0.99), weight_decay=cfg.weight_decay)
     B, G = cfg.prompts, cfg.group_size
     is_digit = digit_tokens(processor.tokenizer) if cfg.credit != "sequence" else None   # [V]
     print(f"{cfg.init}: {sum(p.numel() for p in policy.parameters()):,} parameters; {B} prompts x {G} "
@@ -366,9 +367,9 @@ def main(cfg):
     if state:   # everything the next step depends on: weights (loaded above), optimizer, prompt order, RNG
         opt.load_state_dict(state["optimizer"])
         start, order = state["step"], state["order"]
-        M.set_rng_state(state["rng"])
+        run.set_rng_state(state["rng"])
     log = open(os.path.join(cfg.out, "metrics.jsonl"), "a") if master else None
-    stop, t_start, timings = M.StopOnCtrlC(), time.time(), []
+    stop, t_start, timings = run.StopOnCtrlC(), time.time(), []
     bar = tqdm(range(start, cfg.max_steps), desc="grpo", initial=start, total=cfg.max_steps, disable=not master)
     for step in bar:
         t0 = time.time()
@@ -411,7 +412,7 @@ def main(cfg):
             g["lr"] = lr
         for _ in range(cfg.mu):
             loss, stats = accumulate_gradients(net, roll, adv, old, ref_logp, cfg, amp)
-            loss = M.ddp_mean(loss)       # the same on every rank, so all ranks agree on skipping
+            loss = run.ddp_mean(loss)       # the same on every rank, so all ranks agree on skipping
             grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.grad_clip)
             finite = bool(np.isfinite(loss) and torch.isfinite(grad_norm))
             if finite:                   # a NaN/inf update would poison every weight: skip it
@@ -447,20 +448,20 @@ def main(cfg):
             log.flush()
 
         # ---- checkpoints: periodic and on Ctrl-C; stop on repeated non-finite updates
-        if M.after_step("grpo.py", cfg, step + 1, bad, stop, policy, processor,
-                        lambda: {"optimizer": opt.state_dict(), "order": order, "rng": M.rng_state(),
-                                 "adapters": M.adapter_state(policy)}):
+        if run.after_step("grpo.py", cfg, step + 1, bad, stop, policy, processor,
+                        lambda: {"optimizer": opt.state_dict(), "order": order, "rng": run.rng_state(),
+                                 "adapters": run.adapter_state(policy)}):
             return
 
-    M.ddp_check_in_sync(policy)
+    run.ddp_check_in_sync(policy)
     if master and len(timings) > 1:   # the benchmark line (README, "Speed"): compare settings by its ratios
         t = np.mean(timings[1:], 0)   # step 1 warms up the allocator: not counted
         print(f"seconds per step over steps {start + 2}-{cfg.max_steps}: {t.sum():.2f} = generate {t[0]:.2f} "
               f"+ score {t[1]:.2f} + reference {t[2]:.2f} + train {t[3]:.2f}")
     if master:
-        M.save(policy, processor, cfg.out, into=True)
-        print(f"saved {cfg.out} after {time.time() - t_start:.0f} s{M.peak_memory(device)}")
+        run.save(policy, processor, cfg.out, into=True)
+        print(f"saved {cfg.out} after {time.time() - t_start:.0f} s{run.peak_memory(device)}")
 
 
 if __name__ == "__main__":
-    main(M.parse_config(GRPOConfig, __doc__))
+    main(run.parse_config(GRPOConfig, __doc__))

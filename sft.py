@@ -35,6 +35,7 @@ from tqdm import tqdm
 import data
 import evaluate
 import model as M
+import run
 import reward
 
 # ----------------------------------------------------------------------------- config
@@ -43,7 +44,7 @@ COLD_START_TRACES = 1000   # the default: the traces of one eighth of the 8,000 
 # Inherited flags: --data, --data-path, --image-root (data.DataFlags) and --dtype, --max-pixels,
 # --freeze-vision, --grad-checkpointing, --lora-* (model.MemoryFlags).
 @dataclass
-class SFTConfig(M.MemoryFlags, data.DataFlags):
+class SFTConfig(run.MemoryFlags, data.DataFlags):
     model: str = "tiny"          # 'tiny' (built offline) or a Qwen2(.5)-VL Hub id / checkpoint directory
     out: str = "runs/sft"        # output directory for metrics, config and the final checkpoint
     max_steps: int = 1000        # optimizer steps: 16 epochs of the 1000 default traces
@@ -79,7 +80,7 @@ def check(cfg):
                      f"--train-size must be in 0..{data.DataConfig.n_train}"),
                     (cfg.trace in ("thinkvg", "answer"), "--trace must be thinkvg or answer"),
                     (cfg.tower_steps >= 0 and cfg.tower_lr > 0, "--tower-steps must be >= 0 and --tower-lr > 0"),
-                    *data.DataFlags.problems(cfg), *M.MemoryFlags.problems(cfg),
+                    *data.DataFlags.problems(cfg), *run.MemoryFlags.problems(cfg),
                     (cfg.batch_size * cfg.grad_accum <= (cfg.train_size or COLD_START_TRACES),
                      "--batch-size x --grad-accum must not exceed --train-size"),
                     (cfg.eval_every >= 0 and 1 <= cfg.eval_n and (cfg.data != "synthetic" or cfg.eval_n <= data.DataConfig.n_val),
@@ -249,20 +250,20 @@ def token_mean_backward(net, batches, amp=torch.float32):
 # ----------------------------------------------------------------------------- main
 def main(cfg):
     check(cfg)
-    device, amp = M.pick_device(cfg.device)
-    rank, world, device = M.ddp_init(device)                      # (0, 1, device) without torchrun
+    device, amp = run.pick_device(cfg.device)
+    rank, world, device = run.ddp_init(device)                      # (0, 1, device) without torchrun
     master = rank == 0
     print(f"device {device}, autocast {amp}" + (f", rank {rank} of {world}" if world > 1 else ""))
     torch.manual_seed(cfg.seed)
-    ckpt, state = M.open_run(cfg.out, cfg.resume)
+    ckpt, state = run.open_run(cfg.out, cfg.resume)
     if master:
         json.dump(asdict(cfg), open(os.path.join(cfg.out, "run_config.json"), "w"), indent=2)
     # LoRA resumes from the frozen base + the adapters in the checkpoint's state (bit-exact);
     # full fine-tuning from the checkpoint's weights
-    model, processor = M.load(cfg.model if cfg.lora_r else ckpt or cfg.model, device, M.weights_dtype(cfg.dtype), seed=cfg.seed)
-    M.apply_memory_plan(model, processor, cfg)
+    model, processor = M.load(cfg.model if cfg.lora_r else ckpt or cfg.model, device, run.weights_dtype(cfg.dtype), seed=cfg.seed)
+    run.apply_memory_plan(model, processor, cfg)
     if state and cfg.lora_r:
-        M.load_adapters(model, state["adapters"])
+        run.load_adapters(model, state["adapters"])
     model.train()
     frame = M.image_frame(processor, data.GEMEX_FRAME)           # gemex boxes move 224 -> the frame the model sees
     if cfg.tower_steps and not ckpt and not cfg.lora_r and cfg.model == "tiny" and cfg.data == "synthetic":
@@ -280,15 +281,15 @@ def main(cfg):
         train = train.map(lambda r: {"response": f"<answer>{reward.parse(r).answer}</answer>"}, input_columns="response")
     print(f"{cfg.model}: {sum(p.numel() for p in model.parameters()):,} parameters; {len(train)} training samples")
 
-    opt = M.adamw(param_groups(model, cfg), lr=cfg.lr, betas=(0.9, 0.95))
+    opt = run.adamw(param_groups(model, cfg), lr=cfg.lr, betas=(0.9, 0.95))
     lengths = [len(q) + len(r) for q, r in zip(train["question"], train["response"])]  # characters: a proxy
     start, epoch, order, bad = 0, 0, [], 0
     if state:   # everything the next step depends on: weights (loaded above), optimizer, data position, RNG
         opt.load_state_dict(state["optimizer"])
         start, epoch, order = state["step"], state["epoch"], state["order"]
-        M.set_rng_state(state["rng"])
+        run.set_rng_state(state["rng"])
     log = open(os.path.join(cfg.out, "metrics.jsonl"), "a") if master else None
-    stop = M.StopOnCtrlC()
+    stop = run.StopOnCtrlC()
     bar, t0 = tqdm(range(start, cfg.max_steps), desc="sft", initial=start, total=cfg.max_steps, disable=not master), time.time()
     for step in bar:
         # ---- data: length-grouped batches from a seeded shuffle, a new one each epoch; every rank
@@ -304,7 +305,7 @@ def main(cfg):
             g["lr"] = lr * g["lr_scale"]
         loss = token_mean_backward(net, batches, amp)   # under DDP this also averages the gradients over ranks
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        loss = M.ddp_mean(loss)          # a float, the mean over ranks (so all ranks agree on skipping)
+        loss = run.ddp_mean(loss)          # a float, the mean over ranks (so all ranks agree on skipping)
         finite = math.isfinite(loss) and bool(torch.isfinite(grad_norm))
         if finite:                       # a NaN/inf update would poison every weight: skip it
             opt.step()
@@ -326,16 +327,16 @@ def main(cfg):
             log.flush()
 
         # ---- checkpoints: periodic and on Ctrl-C; stop on repeated non-finite updates
-        if M.after_step("sft.py", cfg, step + 1, bad, stop, model, processor, lambda: {
-                "optimizer": opt.state_dict(), "epoch": epoch, "order": order, "rng": M.rng_state(),
-                "adapters": M.adapter_state(model)}):
+        if run.after_step("sft.py", cfg, step + 1, bad, stop, model, processor, lambda: {
+                "optimizer": opt.state_dict(), "epoch": epoch, "order": order, "rng": run.rng_state(),
+                "adapters": run.adapter_state(model)}):
             return
 
-    M.ddp_check_in_sync(model)
+    run.ddp_check_in_sync(model)
     if master:
-        M.save(model, processor, cfg.out, into=True)
-        print(f"saved {cfg.out} after {time.time() - t0:.0f} s{M.peak_memory(device)}")
+        run.save(model, processor, cfg.out, into=True)
+        print(f"saved {cfg.out} after {time.time() - t0:.0f} s{run.peak_memory(device)}")
 
 
 if __name__ == "__main__":
-    main(M.parse_config(SFTConfig, __doc__))
+    main(run.parse_config(SFTConfig, __doc__))

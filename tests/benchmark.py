@@ -25,6 +25,7 @@ import torch  # noqa: E402
 
 import data  # noqa: E402
 import model as M  # noqa: E402
+import run  # noqa: E402
 import reward  # noqa: E402
 
 HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -129,7 +130,7 @@ def grpo_vs_trl(a):
 def model_costs(a):
     """Parameters, forward+backward at --batch-size on reference traces, and one rollout of
     n_prompts x G completions: the costs that size a training run on a given card."""
-    device, amp = M.pick_device(a.device)
+    device, amp = run.pick_device(a.device)
     model, processor = M.load(a.model, device)
     rows = [data.make_sample("train", i) for i in range(a.batch_size)]
     images, questions = [r["image"] for r in rows], [r["question"] for r in rows]

@@ -7,6 +7,7 @@ from dataclasses import replace
 import pytest
 
 import model as M
+import run
 import sft
 
 
@@ -22,7 +23,7 @@ def test_checkpoints_that_are_not_models(tmp_path):
     (tmp_path / "gpt2" / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
     (tmp_path / "broken").mkdir()
     (tmp_path / "broken" / "config.json").write_text("{not json")
-    M.save(*M.load("tiny"), str(tmp_path / "noweights"))
+    run.save(*M.load("tiny"), str(tmp_path / "noweights"))
     (tmp_path / "noweights" / "model.safetensors").unlink()
     for name, word in (("missing", "does not exist"), ("empty", "no config.json"), ("gpt2", "'gpt2'"),
                        ("broken", "cannot read its config"), ("noweights", "cannot load")):

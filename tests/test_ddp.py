@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import model as M
+import run
 
 
 def torchrun(script, *flags):
@@ -24,7 +25,7 @@ def test_sft_then_grpo_on_two_processes(tmp_path):
     assert "2 ranks agree on the weights" in r.stdout and "rank 1 of 2" in r.stdout
     lines = [json.loads(x) for x in (sft_out / "metrics.jsonl").read_text().splitlines()]
     assert [x["step"] for x in lines] == [1, 2, 3]                       # one writer: no duplicated lines
-    state = M.load_state(sft_out / "checkpoints" / "step_000002")
+    state = run.load_state(sft_out / "checkpoints" / "step_000002")
     assert len(state["rng"]["ranks"]) == 2                               # each rank's RNG, for --resume
     M.load(str(sft_out))
 

@@ -36,9 +36,10 @@ def test_majority_baseline():
 
 def test_evaluate_script_two_checkpoints(tmp_path):
     import model as M
+    import run
     for name, seed in (("a", 0), ("b", 1)):
         m, p = M.load("tiny", seed=seed)
-        M.save(m, p, str(tmp_path / name))
+        run.save(m, p, str(tmp_path / name))
     out = tmp_path / "r.json"
     r = subprocess.run([sys.executable, "evaluate.py", "--checkpoint", str(tmp_path / "a"), str(tmp_path / "b"),
                         "--split", "validation", "--n", "8", "--batch-size", "4", "--max-new-tokens", "8",

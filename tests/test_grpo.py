@@ -11,6 +11,7 @@ import torch
 import data
 import grpo
 import model as M
+import run
 import reward
 
 CFG = grpo.GRPOConfig(beta=0.0, max_new_tokens=10)   # the loss tests add the KL term only where they test it (default 0.3)
@@ -240,7 +241,7 @@ def test_bad_flags_are_named(tmp_path):
 
 def test_grpo_smoke_then_evaluate(tmp_path):
     init = tmp_path / "init"
-    M.save(*M.load("tiny"), str(init))
+    run.save(*M.load("tiny"), str(init))
     out = tmp_path / "grpo"
     r = subprocess.run([sys.executable, "grpo.py", "--init", str(init), "--out", str(out), "--max-steps", "2",
                         "--prompts", "2", "--group-size", "2", "--max-new-tokens", "12", "--mu", "2",
@@ -269,3 +270,16 @@ def test_grpo_smoke_then_evaluate(tmp_path):
         assert max(x["grad_norm"] for x in lines) < 1e-3
     else:
         assert changed
+
+
+def test_the_benchmark_script_runs_both_of_its_measurements(tmp_path):
+    # tests/benchmark.py prints figures for the README's speed section; here only that it runs
+    # (TRL is not a dependency: its side is exercised where trl is installed, by hand)
+    r = subprocess.run([sys.executable, "tests/benchmark.py", "model", "--repeats", "1", "--batch-size", "2",
+                        "--prompts", "2", "--group-size", "2", "--max-new-tokens", "4"], capture_output=True, text=True)
+    assert r.returncode == 0 and "forward+backward, batch 2:" in r.stdout and "rollout 2 x 2" in r.stdout, r.stderr[-2000:]
+    r = subprocess.run([sys.executable, "tests/benchmark.py", "one", "grpo", "--init", "tiny", "--out", str(tmp_path),
+                        "--steps", "2", "--prompts", "2", "--group-size", "2", "--max-new-tokens", "6"],
+                       capture_output=True, text=True)
+    got = json.loads(r.stdout.strip().splitlines()[-1])
+    assert r.returncode == 0 and got["s_per_step"] > 0 and 1 <= got["length"] <= 6, r.stderr[-2000:]

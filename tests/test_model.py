@@ -6,6 +6,7 @@ import torch
 
 import data
 import model as M
+import run
 
 
 @pytest.fixture(scope="module")
@@ -177,7 +178,7 @@ def test_sampler_ignores_the_checkpoints_generation_config(batch, tmp_path):
     clean = M.sample(model, processor, images[:2], questions[:2], group_size=3, max_new_tokens=12, temperature=0.7)
     model.generation_config.update(do_sample=True, repetition_penalty=1.05, top_k=1, top_p=0.001, no_repeat_ngram_size=2,
                                    min_new_tokens=12, temperature=0.1)
-    M.save(model, processor, str(tmp_path))
+    run.save(model, processor, str(tmp_path))
     loaded, processor = M.load(str(tmp_path))
     assert loaded.generation_config.repetition_penalty == 1.05                     # the checkpoint carries it
     torch.manual_seed(0)
@@ -208,7 +209,7 @@ def test_sampling_never_emits_a_vision_placeholder(batch):
 
 def test_save_then_load_through_the_checkpoint_path(tiny, batch, tmp_path):
     model, processor = tiny
-    M.save(model, processor, str(tmp_path))
+    run.save(model, processor, str(tmp_path))
     cfg = json.load(open(tmp_path / "processor_config.json"))
     assert cfg["processor_class"] == "Qwen2_5_VLProcessor" and "video_processor" in cfg
     model2, processor2 = M.load(str(tmp_path))                      # the real-checkpoint branch
@@ -234,7 +235,7 @@ def test_qwen2_vl_checkpoints_load_too(tiny, batch, tmp_path):
         vision_start_token_id=c.vision_start_token_id, vision_end_token_id=c.vision_end_token_id)
     model = Qwen2VLForConditionalGeneration(config)
     model.generation_config.eos_token_id = c.text_config.eos_token_id
-    M.save(model, processor, str(tmp_path))
+    run.save(model, processor, str(tmp_path))
     loaded, proc = M.load(str(tmp_path))
     assert type(loaded).__name__ == "Qwen2VLForConditionalGeneration"
     out = M.sample(loaded, proc, batch[0][:1], batch[1][:1], group_size=2, max_new_tokens=4)
@@ -267,10 +268,10 @@ def test_memory_plan_flags_change_memory_not_maths():
     optimizer; --grad-checkpointing recomputes activations yet gives the same gradients."""
     from dataclasses import replace
     import sft
-    plan = lambda **k: replace(M.MemoryFlags(), **k)  # noqa: E731
+    plan = lambda **k: replace(run.MemoryFlags(), **k)  # noqa: E731
     model, processor = M.load("tiny")
     assert M.image_frame(processor, 224) == 112                      # tiny: 224-px GEMeX boxes land in 112
-    M.apply_memory_plan(model, processor, plan(max_pixels=56 * 56))
+    run.apply_memory_plan(model, processor, plan(max_pixels=56 * 56))
     assert M.image_frame(processor, 224) == 56
     s = data.make_sample("test", 0)
     small = s["image"].resize((56, 56))
@@ -279,7 +280,7 @@ def test_memory_plan_flags_change_memory_not_maths():
         M.build_prompts(processor, [s["image"]], ["q"])
 
     model, processor = M.load("tiny")
-    M.apply_memory_plan(model, processor, plan(freeze_vision=True))
+    run.apply_memory_plan(model, processor, plan(freeze_vision=True))
     groups = sft.param_groups(model, sft.SFTConfig())
     trained = {id(p) for g in groups for p in g["params"]}
     assert not trained & {id(p) for p in model.model.visual.parameters()} and trained
@@ -287,7 +288,7 @@ def test_memory_plan_flags_change_memory_not_maths():
     def grads(checkpointing):
         torch.manual_seed(0)
         m, p = M.load("tiny")
-        M.apply_memory_plan(m, p, plan(grad_checkpointing=checkpointing))
+        run.apply_memory_plan(m, p, plan(grad_checkpointing=checkpointing))
         m.train()
         prompt = M.build_prompts(p, [s["image"]], [s["question"]])
         ids, mask = M.tokenize_completions(p, [s["response"]], M.end_ids(m)[0])
@@ -335,7 +336,7 @@ def test_parse_config_flags(monkeypatch):
 
     def parse(*argv):
         monkeypatch.setattr("sys.argv", ["prog", *argv])
-        return M.parse_config(Cfg)
+        return run.parse_config(Cfg)
     assert parse() == Cfg()
     assert parse("--max-steps", "7", "--resume") == Cfg(max_steps=7, resume=True)
     assert parse("--resume", "false", "--name", "y") == Cfg(resume=False, name="y")
@@ -345,18 +346,18 @@ def test_parse_config_flags(monkeypatch):
 
 
 # ----------------------------------------------------------------------------- LoRA and bf16 weights
-LORA = M.MemoryFlags(lora_r=4, lora_alpha=8.0)
+LORA = run.MemoryFlags(lora_r=4, lora_alpha=8.0)
 
 
 def _lora_trained(batch, steps=3):
     """The tiny model with LoRA adapters after a few SFT steps; returns (model, processor, base weights)."""
     model, processor = M.load("tiny")
     base = {k: v.clone() for k, v in model.state_dict().items()}
-    M.apply_memory_plan(model, processor, LORA)
+    run.apply_memory_plan(model, processor, LORA)
     images, questions, responses = batch
     prompt = M.build_prompts(processor, images, questions)
     ids, mask = M.tokenize_completions(processor, responses, M.end_ids(model)[0])
-    opt = M.adamw([p for p in model.parameters() if p.requires_grad], lr=1e-2, betas=(0.9, 0.99))
+    opt = run.adamw([p for p in model.parameters() if p.requires_grad], lr=1e-2, betas=(0.9, 0.99))
     for _ in range(steps):
         (-(M.completion_logprobs(model, prompt, ids, mask) * mask).sum() / mask.sum()).backward()
         opt.step()
@@ -371,8 +372,8 @@ def test_lora_trains_the_adapters_and_not_the_base(batch):
     assert not any(".visual." in n for n in trained)                      # the vision tower is frozen unless asked
     assert all(p.dtype == torch.float32 for n, p in model.named_parameters() if n in trained)
     assert any(p.abs().sum() > 0 for n, p in model.named_parameters() if "lora_B" in n)   # B starts at 0 and moved
-    for name, t in M.merged_state_dict(model).items():                   # merged weights differ only where adapted
-        adapted = any(name == f"{n}.weight" for n, _ in M.lora_layers(model))
+    for name, t in run.merged_state_dict(model).items():                   # merged weights differ only where adapted
+        adapted = any(name == f"{n}.weight" for n, _ in run.lora_layers(model))
         assert torch.equal(t, base[name]) != adapted, name
     for name, p in model.named_parameters():                             # the frozen base never moved
         if "lora_" not in name:
@@ -384,7 +385,7 @@ def test_lora_with_adapters_off_is_the_base_model_exactly(batch):
     plain, _ = M.load("tiny")
     with torch.no_grad():
         want = M.completion_logprobs(plain, prompt, ids, mask)
-        with M.adapters_off(model):
+        with run.adapters_off(model):
             got = M.completion_logprobs(model, prompt, ids, mask)
         on = M.completion_logprobs(model, prompt, ids, mask)
     assert torch.equal(got, want)
@@ -394,7 +395,7 @@ def test_lora_with_adapters_off_is_the_base_model_exactly(batch):
 def test_a_merged_lora_save_loads_in_plain_transformers(batch, tmp_path):
     from transformers import AutoModelForImageTextToText
     model, processor, _, (prompt, ids, mask) = _lora_trained(batch)
-    M.save(model, processor, str(tmp_path))
+    run.save(model, processor, str(tmp_path))
     loaded = AutoModelForImageTextToText.from_pretrained(str(tmp_path))
     assert not any("lora" in n for n in loaded.state_dict())
     with torch.no_grad():
@@ -413,8 +414,8 @@ def test_bf16_adamw_moves_the_weights_as_float32_does_at_lr_1e_6():
     for name in ("float32", "bf16 nearest", "bf16 stochastic"):
         p = torch.nn.Parameter(w0.clone() if name == "float32" else w0.to(torch.bfloat16))
         start = p.detach().float().clone()
-        opt = torch.optim.AdamW([p], lr=1e-6, weight_decay=0.0) if name != "bf16 stochastic" else M.adamw([p], 1e-6, (0.9, 0.999))
-        assert isinstance(opt, M.StochasticAdamW) == (name == "bf16 stochastic")
+        opt = torch.optim.AdamW([p], lr=1e-6, weight_decay=0.0) if name != "bf16 stochastic" else run.adamw([p], 1e-6, (0.9, 0.999))
+        assert isinstance(opt, run.StochasticAdamW) == (name == "bf16 stochastic")
         g = torch.Generator().manual_seed(1)
         for _ in range(100):
             p.grad = (direction * (1 + 0.1 * torch.randn(8192, generator=g))).to(p.dtype)

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import model as M
+import run
 
 SFT = ["sft.py", "--max-steps", "10", "--batch-size", "4", "--train-size", "24", "--eval-every", "0",
        "--eval-n", "2", "--save-every", "2", "--keep", "2", "--tower-steps", "2"]
@@ -26,7 +27,7 @@ def _kill_after_first_checkpoint(args, out):
     """Start a run, SIGKILL it as soon as its first periodic checkpoint is complete."""
     p = subprocess.Popen([sys.executable, *args, "--out", str(out)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.time() + 120
-    while not M.list_checkpoints(str(out)) and p.poll() is None and time.time() < deadline:
+    while not run.list_checkpoints(str(out)) and p.poll() is None and time.time() < deadline:
         time.sleep(0.02)
     p.send_signal(signal.SIGKILL)
     p.wait()
@@ -58,7 +59,7 @@ def test_sft_killed_and_resumed_equals_uninterrupted(tmp_path):
 @pytest.mark.parametrize("lora", [[], ["--lora-r", "4", "--beta", "0.1"]], ids=["full", "lora"])
 def test_grpo_killed_and_resumed_equals_uninterrupted(tmp_path, lora):
     init = tmp_path / "init"
-    M.save(*M.load("tiny"), str(init))
+    run.save(*M.load("tiny"), str(init))
     # weight decay moves the weights every step even when a random-init model's groups have equal
     # rewards, so the sampled rollouts (and their lengths, entropies) depend on every restored piece;
     # under LoRA the resumed run rebuilds the frozen init and loads the adapters from the checkpoint
@@ -84,32 +85,32 @@ def test_resume_with_nothing_to_resume_starts_at_step_0(tmp_path):
 
 def test_a_save_killed_before_its_rename_leaves_the_previous_checkpoint(tmp_path, monkeypatch):
     model, processor = M.load("tiny")
-    M.save_checkpoint(str(tmp_path), 2, model, processor, {"optimizer": {}, "order": [1, 2]})
+    run.save_checkpoint(str(tmp_path), 2, model, processor, {"optimizer": {}, "order": [1, 2]})
 
     def killed(tmp):
         raise KeyboardInterrupt  # stands for SIGKILL: nothing after this line runs
-    monkeypatch.setattr(M, "_before_rename", killed)
+    monkeypatch.setattr(run, "_before_rename", killed)
     with torch.no_grad():
         model.lm_head.weight.add_(1.0)
     with pytest.raises(KeyboardInterrupt):
-        M.save_checkpoint(str(tmp_path), 4, model, processor, {"optimizer": {}, "order": [2]})
-    found = M.list_checkpoints(str(tmp_path))
+        run.save_checkpoint(str(tmp_path), 4, model, processor, {"optimizer": {}, "order": [2]})
+    found = run.list_checkpoints(str(tmp_path))
     assert [os.path.basename(f) for f in found] == ["step_000002"]           # the half-written one is ignored
-    assert M.load_state(found[0])["step"] == 2
+    assert run.load_state(found[0])["step"] == 2
     loaded, _ = M.load(found[0])
     assert not torch.equal(loaded.lm_head.weight, model.lm_head.weight)      # the old weights, intact
 
 
 def test_a_full_disk_is_one_line_and_the_previous_checkpoint_survives(tmp_path, monkeypatch):
     model, processor = M.load("tiny")
-    M.save_checkpoint(str(tmp_path), 2, model, processor, {"optimizer": {}})
+    run.save_checkpoint(str(tmp_path), 2, model, processor, {"optimizer": {}})
 
     def full(tmp):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-    monkeypatch.setattr(M, "_before_rename", full)
+    monkeypatch.setattr(run, "_before_rename", full)
     with pytest.raises(SystemExit, match="No space left on device"):
-        M.save_checkpoint(str(tmp_path), 4, model, processor, {"optimizer": {}})
-    assert [os.path.basename(f) for f in M.list_checkpoints(str(tmp_path))] == ["step_000002"]
+        run.save_checkpoint(str(tmp_path), 4, model, processor, {"optimizer": {}})
+    assert [os.path.basename(f) for f in run.list_checkpoints(str(tmp_path))] == ["step_000002"]
     assert not [n for n in os.listdir(tmp_path / "checkpoints") if "tmp" in n]   # no debris
 
 
@@ -127,5 +128,5 @@ def test_ctrl_c_saves_and_says_how_to_resume(tmp_path):
     stdout, stderr = p.communicate(timeout=120)
     assert p.returncode == 0, stderr[-2000:]
     assert "--resume" in stdout and "Traceback" not in stderr
-    step = M.load_state(M.list_checkpoints(str(out))[-1])["step"]
+    step = run.load_state(run.list_checkpoints(str(out))[-1])["step"]
     assert 2 <= step < 400

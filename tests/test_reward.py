@@ -4,7 +4,9 @@ import time
 import pytest
 
 import data
-from reward import GROUNDING_IOU, answer_correct, grounding_scores, iou, letters, parse, score
+import reward
+from reward import (GROUNDING_IOU, answer_correct, grounding_scores, iou, letters, open_answer_score, parse,
+                    score, yes_no)
 
 
 def trace(boxes, answer="yes"):
@@ -168,7 +170,6 @@ def test_parse_time_grows_linearly():
 
 
 # ----------------------------------------------------------------------------- free-text answers (GEMeX open-ended)
-from reward import letters, open_answer_score, yes_no  # noqa: E402
 
 PARAPHRASES = [   # (prediction, reference): the same finding in other words -> high
     ("Cardiomegaly.", "Moderately enlarged heart."),

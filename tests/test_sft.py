@@ -10,6 +10,7 @@ from PIL import Image
 
 import data
 import model as M
+import run
 import sft
 
 
@@ -129,7 +130,7 @@ def test_lora_sft_in_bf16_then_grpo_from_it(tmp_path):
     # taken from the same weights (adapters off), and its checkpoint loads in plain transformers
     from transformers import AutoModelForImageTextToText
     init = tmp_path / "init"
-    M.save(*M.load("tiny"), str(init))
+    run.save(*M.load("tiny"), str(init))
     lora = ["--lora-r", "4", "--dtype", "bfloat16", "--eval-n", "2", "--out"]
     r = subprocess.run([sys.executable, "sft.py", "--model", str(init), "--max-steps", "3", "--batch-size", "2",
                         "--grad-accum", "2", "--train-size", "16", "--eval-every", "0", "--lr", "1e-2", *lora, str(tmp_path / "sft")],

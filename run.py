@@ -1,0 +1,455 @@
+"""run.py -- everything a training script needs around its loop, shared by sft.py and grpo.py
+(which never import each other): the flag parser, the single-GPU memory levers, several GPUs,
+and a run that loses nothing.
+
+  * flags        parse_config: a config dataclass becomes --help (each field's comment is its help)
+  * memory       MemoryFlags / apply_memory_plan: bf16 weights, a pixel budget, a frozen vision
+                 tower, gradient checkpointing, LoRA (peft); StochasticAdamW for bf16 weights
+  * DDP          ddp_init / ddp_mean / ddp_check_in_sync under torchrun, no-ops without it
+  * safety       save: atomic (write to a temporary directory, then rename); periodic resumable
+                 checkpoints with optimizer, data order and RNG; open_run refuses to overwrite a
+                 finished run and resumes by re-running the same command; Ctrl-C saves first
+"""
+import argparse
+import dataclasses
+import inspect
+import json
+import os
+import random
+import re
+import shutil
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from transformers.image_utils import SizeDict
+
+# ----------------------------------------------------------------------------- device
+def pick_device(name="auto"):
+    """CUDA with bf16 autocast when available, else CPU float32. Returns (device, autocast dtype)."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(name)
+    # native bf16 only (Ampere and newer): is_bf16_supported() alone counts emulation, which on a
+    # T4 runs bf16 autocast slowly. fp16 is never chosen: Qwen2.5-VL's activations overflow in it.
+    native = device.type == "cuda" and torch.cuda.is_bf16_supported(including_emulation=False)
+    return device, torch.bfloat16 if native else torch.float32
+
+
+def peak_memory(device):
+    """', peak GPU memory X GiB' on CUDA (the README's memory table is these figures), else ''."""
+    if device.type != "cuda":
+        return ""
+    return f", peak GPU memory {torch.cuda.max_memory_allocated(device) / 2**30:.1f} GiB"
+
+
+# ----------------------------------------------------------------------------- LoRA (peft)
+# Full fine-tuning keeps a gradient and two AdamW moments for every weight: 16 bytes a parameter
+# in float32, 56 GiB for the 3B model before activations. LoRA (arXiv 2106.09685) freezes W and
+# trains W + (alpha / r) B A with A [r, in] and B [out, r], B starting at 0, so training starts
+# exactly at the checkpoint. The adapters are injected IN PLACE (peft.inject_adapter_in_model):
+# the model is still the same transformers object, so sample() and completion_logprobs() are the
+# code paths of full fine-tuning. Adapters stay float32 over a bf16 base: an adapter update of
+# lr 1e-4 x a 1e-2 weight is below bf16's resolution.
+LORA_TARGETS = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
+VISION_LORA_TARGETS = ("qkv", "proj", "gate_proj", "up_proj", "down_proj")
+
+
+def add_lora(model, cfg):
+    """Freeze `model` and give it LoRA adapters (cfg.lora_*): the language model's projections
+    named in --lora-targets, and the vision tower's attention and MLP with --lora-vision."""
+    from peft import LoraConfig, inject_adapter_in_model
+    names = "|".join(cfg.lora_targets.split(","))
+    pattern = rf".*language_model\.layers\.\d+\.\w+\.({names})"
+    if cfg.lora_vision:
+        pattern += rf"|.*visual\.blocks\.\d+\.\w+\.({'|'.join(VISION_LORA_TARGETS)})"
+    model.requires_grad_(False)
+    inject_adapter_in_model(LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                                       target_modules=pattern), model)
+    adapters = [p for n, p in model.named_parameters() if "lora_" in n]
+    if not adapters:
+        raise SystemExit(f"--lora-targets {cfg.lora_targets}: no module of this model has that name")
+    for p in adapters:
+        p.data = p.data.float()
+        p.requires_grad_(True)
+    n = sum(p.numel() for p in adapters)
+    print(f"LoRA r={cfg.lora_r}: {n:,} trainable adapter parameters ({n / sum(p.numel() for p in model.parameters()):.2%})")
+
+
+def lora_layers(model):
+    from peft.tuners.lora import LoraLayer
+    return [(name, m) for name, m in model.named_modules() if isinstance(m, LoraLayer)]
+
+
+class adapters_off:
+    """`with adapters_off(model):` the base model, i.e. GRPO's frozen reference policy under LoRA:
+    the same weights with the adapters switched off, no second copy in memory."""
+
+    def __init__(self, model):
+        self.layers = [m for _, m in lora_layers(model)]
+
+    def __enter__(self):
+        for m in self.layers:
+            m.enable_adapters(False)
+
+    def __exit__(self, *exc):
+        for m in self.layers:
+            m.enable_adapters(True)
+
+
+def adapter_state(model):
+    """The adapters' weights (what a LoRA run's resumable checkpoint adds to trainer_state.pt)."""
+    return {n: p.detach().clone() for n, p in model.named_parameters() if "lora_" in n}
+
+
+def load_adapters(model, state):
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for n, t in state.items():
+            params[n].copy_(t)
+
+
+def merged_state_dict(model):
+    """The state dict of plain transformers' model with every adapter merged into its weight,
+    W + (alpha / r) B A, under the base layer's name: save_pretrained(state_dict=this) writes a
+    checkpoint that AutoModelForImageTextToText.from_pretrained loads with no peft installed."""
+    layers = dict(lora_layers(model))
+    out = {}
+    for name, t in model.state_dict().items():
+        if "lora_" not in name:
+            out[name.replace(".base_layer.", ".")] = t
+    for name, m in layers.items():
+        w = m.base_layer.weight
+        out[name + ".weight"] = (w.float() + m.get_delta_weight("default").float()).to(w.dtype)
+    return out
+
+
+def apply_memory_plan(model, processor, cfg):
+    """The single-GPU memory levers for real checkpoints (README, "Scaling"), flags of sft.py and
+    grpo.py. bf16 weights are chosen at load time (--dtype); here: an image pixel budget (fewer
+    image tokens), a frozen vision tower (no gradients or AdamW state for it), and gradient
+    checkpointing (activations recomputed in backward instead of stored)."""
+    if cfg.max_pixels:
+        ip = processor.image_processor
+        ip.size = SizeDict(shortest_edge=min(ip.size["shortest_edge"], cfg.max_pixels), longest_edge=cfg.max_pixels)
+    if cfg.freeze_vision:
+        model.model.visual.requires_grad_(False)
+    if cfg.lora_r:
+        add_lora(model, cfg)
+    if cfg.grad_checkpointing:
+        model.activation_checkpointing_enable({"use_reentrant": False})
+
+
+@dataclass
+class MemoryFlags:
+    """The single-GPU memory levers of sft.py and grpo.py: their configs inherit these fields."""
+    dtype: str = "float32"           # weights: float32 (bf16 autocast on CUDA) or bfloat16 (half the memory; AdamW rounds stochastically)
+    max_pixels: int = 0              # image pixel budget per image (0: the model's own); fewer pixels, fewer tokens
+    freeze_vision: bool = False      # train the language model only (saves the vision tower's grads and AdamW state)
+    grad_checkpointing: bool = False  # recompute activations in backward: less memory, ~30% slower
+    lora_r: int = 0                  # LoRA rank (0: full fine-tuning); the base is frozen, float32 adapters train
+    lora_alpha: float = 32.0         # LoRA scale: the update is (alpha / r) B A
+    lora_dropout: float = 0.0        # dropout on the adapters' input (0: GRPO's scored policy must be the sampled one)
+    lora_targets: str = LORA_TARGETS  # comma-separated projection names that get adapters, in the language model
+    lora_vision: bool = False        # also adapt the vision tower's attention and MLP (frozen otherwise)
+
+    def problems(self):
+        """(ok, message) pairs for the check() of each script."""
+        return [(self.dtype in ("float32", "bfloat16") and self.max_pixels >= 0,
+                 "--dtype must be float32 or bfloat16 and --max-pixels >= 0"),
+                (self.lora_r >= 0 and self.lora_alpha > 0 and 0 <= self.lora_dropout < 1,
+                 "--lora-r must be >= 0, --lora-alpha > 0 and --lora-dropout in [0, 1)"),
+                (bool(re.fullmatch(r"\w+(,\w+)*", self.lora_targets)),
+                 "--lora-targets must be comma-separated module names, e.g. q_proj,v_proj")]
+
+
+# ----------------------------------------------------------------------------- bf16 weights: AdamW that rounds stochastically
+# A bf16 weight of magnitude 0.02 has a resolution of 1.2e-4; AdamW's step at lr 1e-6 is ~1e-6,
+# and round-to-nearest throws it away every time: in pure bf16, most weights never move at the
+# learning rates real models are fine-tuned with. Rounding up or down AT RANDOM, with probability
+# in proportion to the distance, keeps every update in expectation (Gupta et al. 2015,
+# arXiv 1502.02551): over 100 steps the weights move as float32 master weights would (tested),
+# at the memory of pure bf16 (weights, gradients and both moments 2 bytes each: 8 bytes a parameter).
+def stochastic_round(x):
+    """float32 -> bfloat16, unbiased: add random low bits below bf16's 16 kept bits, then cut them."""
+    bits = x.float().contiguous().view(torch.int32)
+    noise = torch.randint(0, 1 << 16, bits.shape, dtype=torch.int32, device=x.device)
+    return ((bits + noise) & -65536).view(torch.float32).to(torch.bfloat16)
+
+
+class StochasticAdamW(torch.optim.Optimizer):
+    """AdamW (Loshchilov & Hutter, arXiv 1711.05101) for bf16 parameters: the step is computed in
+    float32, then the weight and the two moments are stored back with stochastic_round."""
+
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0):
+        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
+
+    @torch.no_grad()
+    def step(self):
+        for g in self.param_groups:
+            (b1, b2), lr = g["betas"], g["lr"]
+            for p in g["params"]:
+                if p.grad is None:
+                    continue
+                st = self.state[p]
+                if not st:
+                    st["step"] = 0
+                    st["m"], st["v"] = torch.zeros_like(p), torch.zeros_like(p)
+                st["step"] += 1
+                grad, w = p.grad.float(), p.float()
+                m = st["m"].float().mul_(b1).add_(grad, alpha=1 - b1)
+                v = st["v"].float().mul_(b2).addcmul_(grad, grad, value=1 - b2)
+                denom = (v / (1 - b2 ** st["step"])).sqrt_().add_(g["eps"])
+                w.mul_(1 - lr * g["weight_decay"]).addcdiv_(m, denom, value=-lr / (1 - b1 ** st["step"]))
+                for dst, src in ((p, w), (st["m"], m), (st["v"], v)):
+                    dst.copy_(stochastic_round(src) if dst.dtype == torch.bfloat16 else src)
+
+
+def adamw(groups, lr, betas, weight_decay=0.0):
+    """torch's AdamW, or StochasticAdamW when the trained weights are bf16 (--dtype bfloat16 and
+    full fine-tuning; LoRA's adapters are float32 and take torch's)."""
+    groups = list(groups)
+    params = [p for g in groups for p in (g["params"] if isinstance(g, dict) else [g])]
+    cls = StochasticAdamW if any(p.dtype == torch.bfloat16 for p in params) else torch.optim.AdamW
+    return cls(groups, lr=lr, betas=betas, weight_decay=weight_decay)
+
+
+def weights_dtype(name):
+    """--dtype: float32 weights (bf16 autocast on CUDA) or bfloat16 weights (half the memory, and
+    AdamW's moments follow the weights' dtype: 8 bytes per trained parameter instead of 16)."""
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16}[name]
+
+
+# ----------------------------------------------------------------------------- several GPUs (torchrun)
+# nanoGPT's recipe: `torchrun --nproc_per_node=N sft.py` sets RANK/WORLD_SIZE/LOCAL_RANK; each
+# process joins one group, owns one device, wraps the model in DistributedDataParallel (gradients
+# are averaged in backward) and works on its own share of the data. Rank 0 logs and saves.
+def ddp_init(device):
+    """Returns (rank, world_size, device); (0, 1, device) outside torchrun."""
+    if "RANK" not in os.environ:
+        return 0, 1, device
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return dist.get_rank(), dist.get_world_size(), device
+
+
+def is_main():
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def ddp_mean(value):
+    """A float averaged over ranks (for logging one number per step); unchanged outside DDP."""
+    if not dist.is_initialized():
+        return float(value)
+    t = torch.tensor([float(value)], dtype=torch.float64, device="cuda" if dist.get_backend() == "nccl" else "cpu")
+    dist.all_reduce(t)   # a sum over ranks
+    return t.item() / dist.get_world_size()
+
+
+def ddp_check_in_sync(model):
+    """Assert every rank holds the same weights (DDP's whole promise) and say so. A weighted sum of
+    all parameters is a cheap fingerprint: any rank that drifted would show a different one."""
+    if not dist.is_initialized():
+        return
+    fp = sum(float((p.detach().double() * (i + 1)).sum()) for i, p in enumerate(model.parameters()))
+    prints = [None] * dist.get_world_size()
+    dist.all_gather_object(prints, fp)
+    assert all(abs(x - prints[0]) <= 1e-9 * max(1.0, abs(prints[0])) for x in prints), f"ranks disagree on the weights: {prints}"
+    if is_main():
+        print(f"ddp: {len(prints)} ranks agree on the weights (fingerprint {fp:.6e})")
+
+
+def save(model, processor, out, state=None, into=False):
+    """save_pretrained for model and processor (weights in safetensors), ATOMICALLY: everything
+    is written to a temporary sibling directory on the same filesystem, then renamed into place,
+    so a kill or a full disk mid-save leaves whatever was at `out` before intact and loadable.
+    `state` (optimizer, step, data position, RNG states: tensors and plain Python only) goes to
+    trainer_state.pt, read back with torch.load(weights_only=True). into=True writes into an
+    existing run directory (metrics.jsonl stays), replacing each file atomically.
+    The processor class is renamed to plain Qwen2_5_VLProcessor (with a video-processor entry), so
+    AutoProcessor.from_pretrained(out) works wherever torchvision is installed."""
+    out = os.path.normpath(out)
+    tmp = f"{out}.tmp-{os.getpid()}"
+    try:
+        shutil.rmtree(tmp, ignore_errors=True)
+        model.save_pretrained(tmp, state_dict=merged_state_dict(model) if lora_layers(model) else None)
+        processor.save_pretrained(tmp)
+        for name in ("processor_config.json", "tokenizer_config.json"):
+            path = os.path.join(tmp, name)
+            cfg = json.load(open(path))
+            cfg["processor_class"] = "Qwen2_5_VLProcessor"
+            if name == "processor_config.json":
+                cfg.setdefault("video_processor", dict(cfg["image_processor"], video_processor_type="Qwen2VLVideoProcessor"))
+            json.dump(cfg, open(path, "w"), indent=2)
+        if state is not None:
+            torch.save(state, os.path.join(tmp, "trainer_state.pt"))
+        _before_rename(tmp)
+        if into:                         # a run directory with logs in it: replace file by file
+            os.makedirs(out, exist_ok=True)
+            for name in os.listdir(tmp):
+                os.replace(os.path.join(tmp, name), os.path.join(out, name))
+            os.rmdir(tmp)
+        else:                            # swap: old -> .old, tmp -> out (both renames are atomic)
+            if os.path.isdir(out):
+                os.rename(out, out + ".old")
+            os.rename(tmp, out)
+            shutil.rmtree(out + ".old", ignore_errors=True)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not os.path.isdir(out) and os.path.isdir(out + ".old"):
+            os.rename(out + ".old", out)
+        raise SystemExit(f"cannot save to {out}: {e.strerror or e} (the previous checkpoint, if any, is intact)")
+
+
+def _before_rename(tmp):
+    """A seam for the test that kills a save between writing and renaming."""
+
+
+def save_checkpoint(out, step, model, processor, state, keep=2):
+    """OUT/checkpoints/step_000123, written atomically; only the `keep` newest are kept."""
+    root = os.path.join(out, "checkpoints")
+    os.makedirs(root, exist_ok=True)
+    save(model, processor, os.path.join(root, f"step_{step:06d}"), dict(state, step=step))
+    for old in list_checkpoints(out)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def list_checkpoints(out):
+    """Complete checkpoints under OUT/checkpoints, oldest first (half-written .tmp-* never match)."""
+    root = os.path.join(out, "checkpoints")
+    names = sorted(n for n in os.listdir(root) if re.fullmatch(r"step_\d{6}", n)) if os.path.isdir(root) else []
+    return [os.path.join(root, n) for n in names]
+
+
+def load_state(path):
+    """trainer_state.pt of a checkpoint directory: plain data only, never arbitrary pickles."""
+    return torch.load(os.path.join(path, "trainer_state.pt"), weights_only=True)
+
+
+def rng_state():
+    """Every random state the next step depends on; under DDP a list with one entry per rank."""
+    s = {"torch": torch.get_rng_state(), "python": random.getstate(),
+         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+    if not dist.is_initialized():
+        return s
+    every = [None] * dist.get_world_size()
+    dist.all_gather_object(every, s)
+    return {"ranks": every}
+
+
+def set_rng_state(s):
+    if "ranks" in s:
+        assert dist.is_initialized() and len(s["ranks"]) == dist.get_world_size(), (
+            f"this checkpoint was written by {len(s['ranks'])} ranks: resume with the same --nproc_per_node")
+        s = s["ranks"][dist.get_rank()]
+    torch.set_rng_state(s["torch"])
+    random.setstate(s["python"])
+    if s["cuda"]:
+        torch.cuda.set_rng_state_all(s["cuda"])
+
+
+def open_run(out, resume):
+    """Make sure OUT is a writable run directory and say where training starts.
+
+    Fresh run: the previous run's metrics.jsonl and periodic checkpoints in OUT are removed (OUT
+    is this run's directory). resume=True: the newest complete checkpoint is found and its
+    state loaded, and log lines of steps after it are dropped, since those steps are redone.
+    Returns (checkpoint dir or None, its state or None)."""
+    try:
+        os.makedirs(out, exist_ok=True)
+        probe = os.path.join(out, f".write-test-{os.getpid()}")
+        open(probe, "w").close()
+        os.remove(probe)
+    except OSError as e:
+        raise SystemExit(f"--out {out}: not writable ({e.strerror or e})")
+    metrics = os.path.join(out, "metrics.jsonl")
+    found = list_checkpoints(out) if resume else []
+    if resume and not found:   # e.g. a cluster job preempted before its first checkpoint, re-run as it was
+        if is_main():
+            print(f"--resume: no checkpoint in {os.path.join(out, 'checkpoints')} yet: starting from step 0")
+        resume = False
+    if not resume:
+        if is_main():                                  # under DDP only rank 0 touches the run directory
+            if os.path.exists(metrics) or list_checkpoints(out):
+                print(f"{out}: starting afresh (previous metrics and checkpoints removed; --resume continues instead)")
+            shutil.rmtree(os.path.join(out, "checkpoints"), ignore_errors=True)
+            open(metrics, "w").close()
+        _barrier()
+        return None, None
+    state = load_state(found[-1])
+    if is_main():
+        lines = open(metrics).readlines() if os.path.exists(metrics) else []
+        kept = [x for x in lines if x.strip() and json.loads(x)["step"] <= state["step"]]
+        with open(metrics + ".tmp", "w") as f:
+            f.writelines(kept)
+        os.replace(metrics + ".tmp", metrics)
+        print(f"resuming from {found[-1]} (step {state['step']})")
+    _barrier()
+    return found[-1], state
+
+
+def _barrier():
+    if dist.is_initialized():
+        dist.barrier()
+
+
+class StopOnCtrlC:
+    """The first Ctrl-C asks the training loop to stop after the current step (it then saves a
+    checkpoint and exits cleanly); a second one interrupts at once."""
+
+    def __init__(self):
+        import signal
+        self.requested = False
+        signal.signal(signal.SIGINT, self._handle)
+
+    def _handle(self, *_):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        print("\nCtrl-C: finishing this step, then saving a checkpoint (Ctrl-C again to abort now)", flush=True)
+
+
+def after_step(script, cfg, step, bad, stop, model, processor, state):
+    """The run-safety tail of every training step, shared by sft.py and grpo.py: stop on too many
+    non-finite updates in a row, save a periodic (or Ctrl-C) checkpoint, and say how to resume.
+    `state` is a function, so the optimizer state is only gathered when a checkpoint is written.
+    Returns True when the run should stop here."""
+    if bad >= cfg.max_bad_steps:
+        raise SystemExit(f"{script}: {bad} non-finite losses or gradients in a row (step {step}); no update "
+                         f"was applied for them. Lower --lr, or resume from the last checkpoint with --resume.")
+    if (cfg.save_every and step % cfg.save_every == 0 and step < cfg.max_steps) or stop.requested:
+        snapshot = state()                      # on every rank: it gathers each rank's RNG state
+        if is_main():
+            save_checkpoint(cfg.out, step, model, processor, snapshot, keep=cfg.keep)
+        _barrier()
+    if stop.requested:
+        print(f"stopped at step {step}; continue with the same command plus --resume")
+    return stop.requested
+
+
+# ----------------------------------------------------------------------------- plumbing
+def _flag_bool(text):
+    """argparse's bool("False") is True; accept the usual spellings instead."""
+    value = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}.get(text.lower())
+    if value is None:
+        raise ValueError(text)   # argparse turns this into "invalid _flag_bool value: 'text'"
+    return value
+
+
+def parse_config(cls, doc="", nargs=None):
+    """Expose a config dataclass as command-line flags (max_steps -> --max-steps). Each flag's help
+    is the one-line comment written after its field, so the dataclass stays the single source.
+    `nargs` maps a field to argparse's nargs (e.g. {"checkpoint": "+"}): that field becomes a list."""
+    source = "".join(inspect.getsource(c) for c in cls.__mro__ if dataclasses.is_dataclass(c))  # inherited flags too
+    comments = dict(re.findall(r"^\s+(\w+):[^=\n]+=[^#\n]+#\s*(.+)$", source, re.M))
+    ap = argparse.ArgumentParser(description=doc.strip().split("\n")[0])
+    own_first = sorted(dataclasses.fields(cls), key=lambda f: f.name not in vars(cls).get("__annotations__", {}))
+    for f in own_first:                  # the script's own flags, then the inherited ones
+        flag, is_bool = "--" + f.name.replace("_", "-"), isinstance(f.default, bool)
+        ap.add_argument(flag, type=_flag_bool if is_bool else type(f.default), default=f.default,
+                        nargs="?" if is_bool else (nargs or {}).get(f.name),
+                        const=True if is_bool else None,   # a bare `--resume` means `--resume true`
+                        help=f"{comments.get(f.name, '')} (default: {f.default})".replace("%", "%%"))
+    return cls(**vars(ap.parse_args()))
