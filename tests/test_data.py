@@ -70,8 +70,7 @@ def test_findings_regions_and_traces(samples):
             assert 0 <= box[0] < box[2] <= 112 and 0 <= box[1] < box[3] <= 112  # inside the frame
             regions[region] += 1
         kinds.update(k for k, (_, desc) in data.FINDINGS.items() if desc in p.think)
-    assert set(regions) == set(data.REGIONS) and len(regions) >= 8
-    assert set(kinds) == set(data.FINDINGS) and len(kinds) >= 5
+    assert set(regions) == set(data.REGIONS) and set(kinds) == set(data.FINDINGS)   # every region and finding occurs
     no_answers = [s for s in samples if parse(s["response"]).answer == "no"]
     assert no_answers and all(parse(s["response"]).boxes for s in no_answers)  # a "no" is grounded too
 

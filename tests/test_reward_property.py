@@ -32,14 +32,14 @@ def test_every_component_is_a_float_in_unit_interval(text, qtype, frame):
     reward.parse(text)                     # the parser alone is total too
     reward.score(REF, text, qtype)         # and an adversarial *reference* does not break it
     for e in reward.coordinate_errors(text, REF) + reward.coordinate_errors(REF, text):   # grpo.py --credit coord
-        assert e is None or (isinstance(e[0], str) and e[1] in range(4) and 0.0 <= e[2] < float("inf")), e
+        assert e is None or (isinstance(e[0], int) and e[1] in range(4) and 0.0 <= e[2] < float("inf")), e
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=100, deadline=None)
 @given(near_miss)
 def test_long_repetitions_parse_in_linear_time(unit):
     unit = unit or "<think>[1, 2, 3, 4]"
-    reps = max(1, 20_000 // max(len(unit), 1))
+    reps = max(1, 50_000 // max(len(unit), 1))   # long enough that fixed costs do not set the ratio
 
     def seconds(text):          # best of 3: a shared machine's hiccup is not a parser's cost
         best = float("inf")
@@ -49,4 +49,4 @@ def test_long_repetitions_parse_in_linear_time(unit):
             best = min(best, time.perf_counter() - t0)
         return best
     small, big = seconds(unit * reps), seconds(unit * reps * 8)
-    assert big < 8 * 4 * small + 0.05, (small, big)   # 8x input, far from quadratic (64x)
+    assert big < 24 * small, (small, big)   # 8x the input: ~8x the time if linear, ~64x if quadratic
