@@ -35,8 +35,8 @@ from PIL import Image, ImageDraw
 
 import data
 import model as M
-import run
 import reward
+import run
 
 METRICS = ["format_rate", "accuracy", "mean_iou", "iou50_rate", "grounding_rate", "consistency_rate", "mean_length"]
 

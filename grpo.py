@@ -17,7 +17,7 @@ one eighth of them). The plain GRPO of the paper is one flag set away:
     torchrun --nproc_per_node=2 grpo.py              # DDP: each rank rolls out its own B prompts
 
 One step, top to bottom in main():
-  1. rollout    B prompts x G completions, one batched KV-cached generate     (model.sample)
+  1. rollout    B prompts x G completions: each prompt prefilled once, G samples (model.sample)
   2. reward     r_i = sum_k w_k r_ik / sum_k w_k per completion                (reward.score)
   3. advantage  A_i = (r_i - mean_group(r)) / (std_group(r) + eps)           (or Dr. GRPO / batch)
                 per token with --credit span / coord (the default): a box coordinate's digits get
@@ -44,8 +44,8 @@ from tqdm import tqdm
 import data
 import evaluate
 import model as M
-import run
 import reward
+import run
 
 # ----------------------------------------------------------------------------- config
 # Inherited flags: --data, --data-path, --image-root (data.DataFlags) and --dtype, --max-pixels,

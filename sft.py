@@ -13,7 +13,7 @@ warm_up_tower below: what each film shows and where, before any text; real check
 
     python sft.py                          # tiny model, synthetic data, CPU: see README for timings
     python sft.py --train-size 8000 --max-steps 1500 --out runs/sft_all   # every trace: the upper bound
-    python sft.py --model runs/sft --max-steps 3300 --lr 5e-4 --warmup-steps 50 --out runs/sft_more
+    python sft.py --model runs/sft --max-steps 2900 --lr 5e-4 --warmup-steps 50 --out runs/sft_more
                                            # the control: GRPO's minutes spent on more SFT instead
     python sft.py --model Qwen/Qwen2.5-VL-3B-Instruct --device cuda --batch-size 4 --lr 1e-5 \
         --data gemex --data-path train.parquet --image-root mimic-cxr-jpg/files --dtype bfloat16
@@ -35,8 +35,8 @@ from tqdm import tqdm
 import data
 import evaluate
 import model as M
-import run
 import reward
+import run
 
 # ----------------------------------------------------------------------------- config
 COLD_START_TRACES = 1000   # the default: the traces of one eighth of the 8,000 synthetic training images
