@@ -7,8 +7,9 @@ and a run that loses nothing.
                  tower, gradient checkpointing, LoRA (peft); StochasticAdamW for bf16 weights
   * DDP          ddp_init / ddp_mean / ddp_check_in_sync under torchrun, no-ops without it
   * safety       save: atomic (write to a temporary directory, then rename); periodic resumable
-                 checkpoints with optimizer, data order and RNG; open_run refuses to overwrite a
-                 finished run and resumes by re-running the same command; Ctrl-C saves first
+                 checkpoints with optimizer, data order and RNG; open_run starts afresh or, with
+                 --resume, from the newest checkpoint (from step 0 if none yet, so a command with
+                 --resume can simply be re-run); Ctrl-C saves first
 """
 import argparse
 import dataclasses
