@@ -347,9 +347,10 @@ def completion_logprobs(model, prompt, completion_ids, completion_mask, entropy=
     that wrote the completions (TRL and verl divide the same way). SFT and evaluation use T = 1.
     """
     T, repeats = completion_ids.shape[1], _per_prompt(repeats, prompt)
+    one_each = bool((repeats == 1).all())              # nothing shared: the prompt is already per row
     per_row = getattr(model, "is_activation_checkpointing", False) or isinstance(model, torch.nn.parallel.DistributedDataParallel)
-    if per_row or bool((repeats == 1).all()):          # one forward over [prompt | completion] per row
-        p = expand_prompt(prompt, repeats) if not bool((repeats == 1).all()) else prompt
+    if per_row or one_each:                            # one forward over [prompt | completion] per row
+        p = prompt if one_each else expand_prompt(prompt, repeats)
         logits = model(input_ids=torch.cat([p["input_ids"], completion_ids], 1),                    # [N, P+T]
                        attention_mask=torch.cat([p["attention_mask"], completion_mask.to(p["attention_mask"].dtype)], 1),
                        # zeros (text) over the completion: the 3-D positions come out as in sampling
