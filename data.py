@@ -304,47 +304,6 @@ def tower_samples(n, seed=0, frame=112):
         yield Image.fromarray(pixels), boxes, {r: k for k, r in findings}
 
 
-def stated_findings(think):
-    """What a reasoning text says about each region it names: {region: finding, or NO_FINDING if
-    it calls the region clear}. Reads the sentences `describe` writes (and a model imitates)."""
-    said = {}
-    for region, rest in re.findall(r"The ([a-z ]+?) \[[^\]]{0,40}\] ([^.]{0,60})\.", think or ""):
-        kind = next((k for k, (_, d) in FINDINGS.items() if rest == f"shows {d}"), None)
-        if region in REGIONS and (kind or rest in ("is clear", "has a normal outline")):
-            said.setdefault(region, kind or NO_FINDING)
-    return said
-
-
-def implied_answer(question, think):
-    """The answer a reasoning text implies for a synthetic question, or None when it does not
-    decide it (the asked region is never described). The consistency metric of evaluate.py
-    compares this with the answer the same completion gives: does the answer follow from the
-    model's own grounded reasoning, right or wrong?"""
-    said = stated_findings(think)
-    opts = dict(re.findall(r"([A-D])\. ((?:(?! [A-D]\. )[^?])+)", question))
-    letter = lambda pick: ", ".join(l for l, o in sorted(opts.items()) if pick(o.strip())) or None  # noqa: E731
-    asked = ("cardiomegaly", "cardiac silhouette") if question == "Is the cardiac silhouette enlarged?" else None
-    if m := re.fullmatch(r"Is there (?:a |an )?(.+) in the (.+)\?", question):
-        asked = next((k for k, a in ARTICLE.items() if a == m[1] or k == m[1]), m[1]), m[2]
-    if asked:                                         # yes/no: is that finding stated for that region?
-        kind, region = asked
-        return None if region not in said else "yes" if said[region] == kind else "no"
-    if m := re.match(r"Where is the (.+)\?$", question):
-        where = [r for r, k in said.items() if k == m[1]]
-        return where[0] if len(where) == 1 else None
-    if m := re.match(r"What abnormality is seen in the (.+?)\?", question):
-        if m[1] not in said:
-            return None
-        return letter(lambda o: o == said[m[1]]) if opts else said[m[1]]
-    if m := re.match(r"Which region contains the (.+?)\?", question):
-        return letter(lambda o: said.get(o) == m[1])
-    if m := re.match(r"Which of these regions (are abnormal|appear normal)\?", question):
-        if any(o.strip() not in said for o in opts.values()):
-            return None
-        return letter(lambda o: (said[o] != NO_FINDING) == (m[1] == "are abnormal"))
-    return None
-
-
 # ----------------------------------------------------------------------------- datasets container
 def _features(*extra):
     """The `datasets` schema of a sample, synthetic or real: the GEMeX columns + the decoded image

@@ -17,12 +17,13 @@ Metrics (each a mean over samples):
   grounding_rate  the paper's rule: same number of boxes and mean matched IoU > 0.75
   consistency_rate  the answer is the one the completion's OWN reasoning implies (right or wrong):
                   the regions it grounds and what it says about them decide the question
-                  (data.implied_answer); reasoning that never describes the asked region counts as
+                  (implied_answer); reasoning that never describes the asked region counts as
                   unsupported. Defined by the synthetic question templates (not for --data gemex).
   mean_length     completion length in tokens, end-of-turn token included
 """
 import json
 import os
+import re
 import textwrap
 from dataclasses import dataclass
 
@@ -115,10 +116,51 @@ def run_checkpoint(path, cfg, device, rows=None):
     return records, texts, rows
 
 
+# ----------------------------------------------------------------------------- consistency: does the answer follow from the reasoning?
+def stated_findings(think):
+    """What a reasoning text says about each region it names: {region: finding, or NO_FINDING if it
+    calls the region clear}. Reads the sentences data.describe writes (and a model imitates)."""
+    said = {}
+    for region, rest in re.findall(r"The ([a-z ]+?) \[[^\]]{0,40}\] ([^.]{0,60})\.", think or ""):
+        kind = next((k for k, (_, d) in data.FINDINGS.items() if rest == f"shows {d}"), None)
+        if region in data.REGIONS and (kind or rest in ("is clear", "has a normal outline")):
+            said.setdefault(region, kind or data.NO_FINDING)
+    return said
+
+
+def implied_answer(question, think):
+    """The answer a reasoning text implies for a synthetic question, or None when it does not
+    decide it (the asked region is never described). consistency() compares it with the answer
+    the same completion gives: does the answer follow from the model's own grounded reasoning?"""
+    said = stated_findings(think)
+    opts = dict(re.findall(r"([A-D])\. ((?:(?! [A-D]\. )[^?])+)", question))
+    letter = lambda pick: ", ".join(l for l, o in sorted(opts.items()) if pick(o.strip())) or None  # noqa: E731
+    asked = ("cardiomegaly", "cardiac silhouette") if question == "Is the cardiac silhouette enlarged?" else None
+    if m := re.fullmatch(r"Is there (?:a |an )?(.+) in the (.+)\?", question):
+        asked = next((k for k, a in data.ARTICLE.items() if a == m[1] or k == m[1]), m[1]), m[2]
+    if asked:                                         # yes/no: is that finding stated for that region?
+        kind, region = asked
+        return None if region not in said else "yes" if said[region] == kind else "no"
+    if m := re.match(r"Where is the (.+)\?$", question):
+        where = [r for r, k in said.items() if k == m[1]]
+        return where[0] if len(where) == 1 else None
+    if m := re.match(r"What abnormality is seen in the (.+?)\?", question):
+        if m[1] not in said:
+            return None
+        return letter(lambda o: o == said[m[1]]) if opts else said[m[1]]
+    if m := re.match(r"Which region contains the (.+?)\?", question):
+        return letter(lambda o: said.get(o) == m[1])
+    if m := re.match(r"Which of these regions (are abnormal|appear normal)\?", question):
+        if any(o.strip() not in said for o in opts.values()):
+            return None
+        return letter(lambda o: (said[o] != data.NO_FINDING) == (m[1] == "are abnormal"))
+    return None
+
+
 def consistency(completion, question, question_type):
     """1.0 when the completion's answer is the one its own reasoning implies (see the module doc)."""
     p = reward.parse(completion)
-    implied = data.implied_answer(question, p.think)
+    implied = implied_answer(question, p.think)
     return reward.answer_correct(p.answer, implied, question_type) if implied is not None else 0.0
 
 
