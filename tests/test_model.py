@@ -138,8 +138,9 @@ def test_shared_prompt_scoring_equals_the_per_row_forward(batch, vision_trained)
         grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
     assert torch.allclose(logps[0], logps[1], atol=1e-5)
     assert grads[0].keys() == grads[1].keys() and any("visual" in n for n in grads[0]) == vision_trained
-    for n in grads[0]:
-        assert torch.allclose(grads[0][n], grads[1][n], rtol=1e-4, atol=1e-6), n
+    for n in grads[0]:   # float32 sums in another order: equal to ~1e-7 of the tensor's scale, whatever the CPU
+        scale = grads[1][n].abs().max()
+        assert (grads[0][n] - grads[1][n]).abs().max() <= 1e-5 * scale + 1e-9, n
 
 
 def test_top_p_keeps_the_nucleus():
