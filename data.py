@@ -7,7 +7,8 @@ position, rotation, intensity, noise) so a box has to be *found by looking*, not
 
 Every sample has the columns of a real GEMeX-ThinkVG row -- image_path, question,
 question_type, response -- plus the decoded `image`, so sft.py / grpo.py / evaluate.py have
-exactly one code path for synthetic and real data.
+exactly one code path for synthetic and real data (gemex.py loads the real parquet into the same
+columns; `load` below is the entry point for both).
 
     python data.py --preview          # writes preview.png: samples with their ground-truth boxes
     python data.py --stats            # question types, findings, regions, answer balance
@@ -17,12 +18,8 @@ Conventions (GEMeX): boxes are integer pixels [x1, y1, x2, y2] of the image the 
 image's LEFT.
 """
 import argparse
-import functools
 import hashlib
 import math
-import os
-import random
-import re
 from collections import Counter
 from dataclasses import dataclass
 
@@ -39,6 +36,7 @@ class DataConfig:
     n_test: int = 1000      # samples in the test split
 
 GEMEX_FRAME = 224  # the frame in which real GEMeX boxes are written
+GEMEX_HUB_ID = "BoKelvin/GEMeX-ThinkVG"  # the real data, read by gemex.py
 QUESTION_TYPES = ["open_ended_questions", "closed_ended_questions",
                   "single_choice_questions", "multi_choice_questions"]
 SPLITS = {"train": 0, "validation": 1, "test": 2}  # the split id goes into the seed: no shared images
@@ -314,10 +312,10 @@ def _features(*extra):
                               "question_type": text, "response": text, **{k: text for k in extra}})
 
 
-def _source_hash():
-    """A hash of this file, put in the loaders' gen_kwargs: `datasets` fingerprints the arguments,
+def _source_hash(file=__file__):
+    """A hash of this file (or another source file), put in the loaders' gen_kwargs: `datasets` fingerprints the arguments,
     not the code they call, so without it an edit here would be served a stale cache."""
-    return hashlib.sha1(open(__file__, "rb").read()).hexdigest()
+    return hashlib.sha1(open(file, "rb").read()).hexdigest()
 
 
 def _generate(split, n, seed, frame, source_hash):
@@ -352,139 +350,7 @@ def load_synthetic(split="train", n=None, cfg=DataConfig(), cache_dir=None):
     return ds
 
 
-# ----------------------------------------------------------------------------- the real data: GEMeX-ThinkVG
-GEMEX_HUB_ID = "BoKelvin/GEMeX-ThinkVG"
-GEMEX_COLUMNS = ["image_path", "question", "question_type", "response"]
-HELD_OUT = {"validation": (0.00, 0.02), "test": (0.02, 0.07)}  # hash ranges of IMAGES; the rest is train
-
-
-def split_of(image_path):
-    """'train' / 'validation' / 'test' from a hash of the image path. GEMeX ships one train split;
-    cutting by image (never by row) keeps every question about an image in one split, so a test
-    question never shares its image with a training question. Stable across machines and runs."""
-    rel = image_path.lstrip("/")          # '/p10/...', 'p10/...' (GEMeX v1) and 'files/p10/...' are one image
-    rel = rel[len("files/"):] if rel.startswith("files/") else rel
-    u = int(hashlib.sha1(rel.encode()).hexdigest()[:8], 16) / 16 ** 8
-    return next((s for s, (lo, hi) in HELD_OUT.items() if lo <= u < hi), "train")
-
-
-def convert_response(text, question_type, frame):
-    """A GEMeX response -> our canonical `<think>...</think><answer>...</answer>`, with every box
-    moved from the 224x224 GEMeX frame into the frame x frame image the model sees (rescale_box,
-    which also clamps overshooting boxes). Tolerant of how the reasoning is wrapped (parse reads a
-    response without <think> tags too); letter answers are normalised to 'A' or 'A, C'.
-    Returns None when the row cannot be used: no answer, no letter where one is needed, or a
-    box that is empty once clamped."""
-    from reward import BOX, letters, parse
-    p = parse(text)
-    answer = p.answer
-    if question_type in ("single_choice_questions", "multi_choice_questions"):
-        picked = letters(answer)
-        if not picked or (question_type == "single_choice_questions" and len(picked) != 1):
-            return None
-        answer = ", ".join(picked)
-    if not answer or "<" in answer:
-        return None
-    bad = []
-
-    def move(m):
-        box = rescale_box([float(v) for v in m.groups()], (GEMEX_FRAME, GEMEX_FRAME), (frame, frame))
-        bad.append(not (box[0] < box[2] and box[1] < box[3]))
-        return format_box(box)
-    think = " ".join(BOX.sub(move, p.think).split())
-    return None if any(bad) else f"<think>{think}</think><answer>{answer}</answer>"
-
-
-def _image_file(root, image_path):
-    """Join the dataset's '/p10/p10000032/s5.../x.jpg' (or '/files/p10/...') onto the MIMIC-CXR-JPG
-    files/ directory given as --image-root."""
-    rel = image_path.lstrip("/")
-    if rel.startswith("files/") and os.path.basename(os.path.normpath(root)) == "files":
-        rel = rel[len("files/"):]
-    return os.path.join(root, rel)
-
-
-def _read_image(file, frame):
-    """Decode fully (a truncated JPEG fails here, not mid-training), grayscale, squash to the
-    frame: GEMeX's boxes are in a square 224 frame of the whole film, so the film is resized
-    the same way. Returns (image, None) or (None, why)."""
-    if not os.path.isfile(file):
-        return None, "missing image"
-    try:
-        with Image.open(file) as im:
-            return im.convert("L").resize((frame, frame), Image.BICUBIC), None
-    except (OSError, ValueError, Image.DecompressionBombError):
-        return None, "unreadable image"
-
-
-def read_gemex_table(path):
-    """The GEMeX parquet as a `datasets.Dataset`: a local file, or the Hub id when online.
-    Anything that is not the dataset stops here with one line naming the file."""
-    import datasets
-    hub = not os.path.exists(path) and re.fullmatch(r"[\w-]+/[\w.-]+", path) and not path.endswith(".parquet")
-    if not hub and not os.path.isfile(path):
-        raise SystemExit(f"--data-path {path}: does not exist (give the parquet file, or {GEMEX_HUB_ID} when online)")
-    datasets.logging.set_verbosity_error()      # our one-line error below says it better
-    try:
-        table = datasets.load_dataset(path, split="train") if hub else datasets.Dataset.from_parquet(path)
-    except Exception as e:  # noqa: BLE001 -- pyarrow/datasets raise many types; all mean the same here
-        why = "cannot be fetched from the Hub (offline? pass the downloaded parquet)" if hub else "is not a readable parquet"
-        raise SystemExit(f"--data-path {path}: {why} ({type(e).__name__}: {(str(e).splitlines() or [''])[0][:120]})")
-    missing = [c for c in GEMEX_COLUMNS if c not in table.column_names]
-    if missing:
-        raise SystemExit(f"--data-path {path}: missing column(s) {missing}; GEMeX-ThinkVG has {GEMEX_COLUMNS} "
-                         f"(found {table.column_names[:8]})")
-    for i, qt in enumerate(table["question_type"]):
-        if qt not in QUESTION_TYPES:
-            raise SystemExit(f"--data-path {path}: row {i}: question_type {qt!r} is not one of {QUESTION_TYPES}")
-    return table
-
-
-def _generate_gemex(path, image_root, split, frame, fingerprint):
-    # Yields every row of the split, the unusable ones with `skip` set, so the counts can be
-    # printed from the cache on every run without decoding an image again.
-    table = read_gemex_table(path)
-    read = functools.lru_cache(maxsize=256)(_read_image)   # rows of one image are usually adjacent
-    for row in table.select_columns(GEMEX_COLUMNS):
-        if split_of(row["image_path"]) != split:
-            continue
-        image, skip = read(_image_file(image_root, row["image_path"]), frame)
-        response = convert_response(row["response"], row["question_type"], frame)
-        if skip is None and response is None:
-            skip = "response does not parse"
-        yield {**row, "image": image, "response": response or row["response"], "skip": skip or ""}
-
-
-def load_gemex(split, n=None, path=GEMEX_HUB_ID, image_root="", frame=GEMEX_FRAME, cache_dir=None):
-    """A split of the real GEMeX-ThinkVG data with the same columns as load_synthetic: images
-    resized to the frame the model sees, boxes moved into that frame. Decoded once and cached
-    by `datasets`; skipped rows are counted and printed (with one example path) on every load."""
-    import datasets
-    if not os.path.isdir(image_root):
-        raise SystemExit(f"--image-root {image_root!r}: not a directory (the MIMIC-CXR-JPG files/ directory)")
-    stamp = os.stat(path).st_mtime_ns if os.path.exists(path) else path
-    ds = datasets.Dataset.from_generator(
-        _generate_gemex, features=_features("skip"), split=datasets.NamedSplit(split), cache_dir=cache_dir,
-        gen_kwargs={"path": os.path.abspath(path) if os.path.exists(path) else path,
-                    "image_root": os.path.abspath(image_root), "split": split, "frame": frame,
-                    "fingerprint": f"{stamp}-{_source_hash()}"})
-    skip = ds["skip"]                                   # read once: counts, examples and the kept rows
-    skips = Counter(skip)
-    kept = skips.pop("", 0)
-    if skips:
-        first = {why: ds[skip.index(why)]["image_path"] for why in skips}
-        print(f"gemex {split}: kept {kept} rows, skipped " + ", ".join(
-            f"{c} ({why}, e.g. {first[why]})" for why, c in skips.items()))
-    if kept == 0:
-        raise SystemExit(f"--data-path {path}: no usable {split} rows under --image-root {image_root}")
-    ds = ds.select([i for i, why in enumerate(skip) if not why]).remove_columns("skip")
-    if n is not None and n > len(ds):
-        print(f"gemex {split}: {n} samples asked for, {len(ds)} usable: using all {len(ds)}")
-    elif n is not None and n < len(ds):   # a seeded random subset, in file order (files are often grouped by type)
-        ds = ds.select(sorted(random.Random(0).sample(range(len(ds)), n)))
-    return ds
-
-
+# ----------------------------------------------------------------------------- the entry point
 @dataclass
 class DataFlags:
     """The data flags of sft.py, grpo.py and evaluate.py: their configs inherit these fields."""
@@ -504,6 +370,7 @@ def load(split, n=None, flags=DataFlags(), frame=None):
     the side GEMeX films are resized to; the synthetic set is drawn at its own DataConfig.frame,
     which every Qwen processor keeps as it is (build_prompts asserts that it does)."""
     if flags.data == "gemex":
+        from gemex import load_gemex          # imported here: gemex.py builds on this file
         return load_gemex(split, n, flags.data_path, flags.image_root, frame or GEMEX_FRAME)
     return load_synthetic(split, n)
 

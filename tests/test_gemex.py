@@ -13,6 +13,7 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))   # also runnable: python tests/test_gemex.py DIR
 import data  # noqa: E402
+import gemex  # noqa: E402
 import reward  # noqa: E402
 
 # one row per question type, in the styles a real response might use (224-pixel GEMeX boxes)
@@ -47,7 +48,7 @@ def _mimic_paths(n, split):
     out, i = [], 0
     while len(out) < n:
         p = f"/files/p10/p100000{i:02d}/s5041{i:04d}/{i:04x}abcd.jpg"
-        if data.split_of(p) == split:
+        if gemex.split_of(p) == split:
             out.append(p)
         i += 1
     return out
@@ -81,12 +82,12 @@ def write_fixture(tmp):
 
 
 @pytest.fixture(scope="module")
-def gemex(tmp_path_factory):
+def gemex_files(tmp_path_factory):
     return write_fixture(tmp_path_factory.mktemp("gemex"))
 
 
 def test_convert_response_moves_boxes_into_the_frame_and_normalises_answers():
-    conv = lambda r, t="closed_ended_questions", f=112: data.convert_response(r, t, f)  # noqa: E731
+    conv = lambda r, t="closed_ended_questions", f=112: gemex.convert_response(r, t, f)  # noqa: E731
     assert conv(RESPONSES[0][2]) == ("<think>The left lower lung zone [60, 65, 100, 95] shows a small round "
                                      "opacity.</think><answer>yes</answer>")
     assert conv(RESPONSES[0][2], f=224) == RESPONSES[0][2]                              # 224 -> 224: unchanged
@@ -108,9 +109,9 @@ def test_convert_response_moves_boxes_into_the_frame_and_normalises_answers():
     assert reward.score(ref, ref, "closed_ended_questions", frame=(112, 112))["total"] == 1.0
 
 
-def test_splits_are_by_image_and_broken_rows_are_counted(gemex, capsys):
-    path, root = gemex
-    splits = {s: data.load_gemex(s, path=path, image_root=root, frame=112) for s in ("train", "validation", "test")}
+def test_splits_are_by_image_and_broken_rows_are_counted(gemex_files, capsys):
+    path, root = gemex_files
+    splits = {s: gemex.load_gemex(s, path=path, image_root=root, frame=112) for s in ("train", "validation", "test")}
     out = capsys.readouterr().out
     assert "kept 24 rows, skipped 1 (missing image" in out and "1 (unreadable image" in out
     assert "1 (response does not parse" in out
@@ -123,17 +124,17 @@ def test_splits_are_by_image_and_broken_rows_are_counted(gemex, capsys):
     assert set(row) == {"image_path", "image", "question", "question_type", "response"}   # as load_synthetic
     for r in splits["train"]:
         assert all(reward.valid_box(b, (112, 112)) for _, b in reward.parse(r["response"]).boxes)
-    subset = data.load_gemex("train", 4, path=path, image_root=root, frame=112)     # a seeded random sample
+    subset = gemex.load_gemex("train", 4, path=path, image_root=root, frame=112)     # a seeded random sample
     assert len(subset) == 4 and subset["question"] != splits["train"]["question"][:4]
-    assert subset["question"] == data.load_gemex("train", 4, path=path, image_root=root, frame=112)["question"]
+    assert subset["question"] == gemex.load_gemex("train", 4, path=path, image_root=root, frame=112)["question"]
     capsys.readouterr()
-    assert len(data.load_gemex("test", 99, path=path, image_root=root, frame=112)) == 16   # all there is, said
+    assert len(gemex.load_gemex("test", 99, path=path, image_root=root, frame=112)) == 16   # all there is, said
     assert "99 samples asked for, 16 usable: using all 16" in capsys.readouterr().out
 
 
-def test_every_reference_scores_1_against_itself_on_every_component(gemex):
-    path, root = gemex
-    rows = data.load_gemex("train", path=path, image_root=root, frame=112)
+def test_every_reference_scores_1_against_itself_on_every_component(gemex_files):
+    path, root = gemex_files
+    rows = gemex.load_gemex("train", path=path, image_root=root, frame=112)
     assert set(rows["question_type"]) == set(data.QUESTION_TYPES)
     for r, qt, im in zip(rows["response"], rows["question_type"], rows["image"]):
         s = reward.score(r, r, qt, frame=im.size)
@@ -146,8 +147,8 @@ def test_split_reads_the_image_not_the_spelling_of_its_path():
     # GEMeX v1 writes 'p10/...', ThinkVG '/p10/...', some copies '/files/p10/...': one image, one split
     for i in range(50):
         p = f"p1{i % 10}/p100{i:05d}/s5{i:07d}/{i:08x}.jpg"
-        assert data.split_of(p) == data.split_of("/" + p) == data.split_of("/files/" + p) == data.split_of("files/" + p)
-    assert {data.split_of(f"p10/p{i}/x.jpg") for i in range(400)} == {"train", "validation", "test"}
+        assert gemex.split_of(p) == gemex.split_of("/" + p) == gemex.split_of("/files/" + p) == gemex.split_of("files/" + p)
+    assert {gemex.split_of(f"p10/p{i}/x.jpg") for i in range(400)} == {"train", "validation", "test"}
 
 
 def _exit_message(fn):
@@ -156,9 +157,9 @@ def _exit_message(fn):
     return str(e.value)
 
 
-def test_bad_data_files_stop_with_one_line_naming_the_culprit(gemex, tmp_path):
-    path, root = gemex
-    load = lambda p, r=root: data.load_gemex("train", path=str(p), image_root=r, frame=112)  # noqa: E731
+def test_bad_data_files_stop_with_one_line_naming_the_culprit(gemex_files, tmp_path):
+    path, root = gemex_files
+    load = lambda p, r=root: gemex.load_gemex("train", path=str(p), image_root=r, frame=112)  # noqa: E731
     assert "--image-root" in _exit_message(lambda: load(path, str(tmp_path / "nowhere")))
     assert "does not exist" in _exit_message(lambda: load(tmp_path / "nope.parquet"))
     junk = tmp_path / "junk.parquet"
@@ -173,8 +174,8 @@ def test_bad_data_files_stop_with_one_line_naming_the_culprit(gemex, tmp_path):
     assert "row 5" in msg and "'yes_no'" in msg and "\n" not in msg
 
 
-def test_sft_and_evaluate_run_on_gemex_data(gemex, tmp_path):
-    path, root = gemex
+def test_sft_and_evaluate_run_on_gemex_data(gemex_files, tmp_path):
+    path, root = gemex_files
     flags = ["--data", "gemex", "--data-path", path, "--image-root", root]
     out = tmp_path / "sft"
     r = subprocess.run([sys.executable, "sft.py", "--max-steps", "2", "--batch-size", "4",      # no size flags
@@ -197,9 +198,9 @@ def test_sft_and_evaluate_run_on_gemex_data(gemex, tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
 
 
-def test_each_script_stops_on_a_bad_data_file_with_one_line(gemex, tmp_path):
+def test_each_script_stops_on_a_bad_data_file_with_one_line(gemex_files, tmp_path):
     """Through the scripts: non-zero exit, the culprit named on the last line, no traceback."""
-    path, root = gemex
+    path, root = gemex_files
     table = datasets.Dataset.from_parquet(path)
     table.remove_columns(["question_type"]).to_parquet(str(tmp_path / "cols.parquet"))
     table.map(lambda r, i: {"question_type": "yes_no" if i == 2 else r["question_type"]},
