@@ -313,8 +313,9 @@ def _features(*extra):
 
 
 def _source_hash(file=__file__):
-    """A hash of this file (or another source file), put in the loaders' gen_kwargs: `datasets` fingerprints the arguments,
-    not the code they call, so without it an edit here would be served a stale cache."""
+    """A hash of this file (or another source file), put in the loaders' gen_kwargs: `datasets`
+    fingerprints the arguments, not the code they call, so without it an edit here would be
+    served a stale cache."""
     return hashlib.sha1(open(file, "rb").read()).hexdigest()
 
 

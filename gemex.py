@@ -21,6 +21,7 @@ from collections import Counter
 from PIL import Image
 
 from data import GEMEX_FRAME, GEMEX_HUB_ID, QUESTION_TYPES, _features, _source_hash, format_box, rescale_box
+from reward import BOX, letters, parse
 
 GEMEX_COLUMNS = ["image_path", "question", "question_type", "response"]
 HELD_OUT = {"validation": (0.00, 0.02), "test": (0.02, 0.07)}  # hash ranges of IMAGES; the rest is train
@@ -43,7 +44,6 @@ def convert_response(text, question_type, frame):
     response without <think> tags too); letter answers are normalised to 'A' or 'A, C'.
     Returns None when the row cannot be used: no answer, no letter where one is needed, or a
     box that is empty once clamped."""
-    from reward import BOX, letters, parse
     p = parse(text)
     answer = p.answer
     if question_type in ("single_choice_questions", "multi_choice_questions"):
@@ -135,7 +135,7 @@ def load_gemex(split, n=None, path=GEMEX_HUB_ID, image_root="", frame=GEMEX_FRAM
         _generate_gemex, features=_features("skip"), split=datasets.NamedSplit(split), cache_dir=cache_dir,
         gen_kwargs={"path": os.path.abspath(path) if os.path.exists(path) else path,
                     "image_root": os.path.abspath(image_root), "split": split, "frame": frame,
-                    "fingerprint": f"{stamp}-{_source_hash()}-{_source_hash(__file__)}"})
+                    "fingerprint": f"{stamp}-{_source_hash()}-{_source_hash(__file__)}"})   # data.py's code, and ours
     skip = ds["skip"]                                   # read once: counts, examples and the kept rows
     skips = Counter(skip)
     kept = skips.pop("", 0)
