@@ -77,7 +77,6 @@ class GRPOConfig(run.MemoryFlags, data.DataFlags):
     w_answer: float = reward.DEFAULT_WEIGHTS["answer"]        # reward weight: exact answer check
     w_grounding: float = reward.DEFAULT_WEIGHTS["grounding"]  # reward weight: the paper's rule (box count equal and mean IoU > 0.75)
     w_iou: float = reward.DEFAULT_WEIGHTS["iou"]              # reward weight: dense matched IoU
-    w_consistency: float = 0.0     # beyond the paper: reward weight for an answer that follows from the completion's own reasoning (synthetic data)
     train_size: int = 0            # training questions (0: every one: 8000 synthetic, 7/8 of them unseen by sft.py)
     types: str = ""                # practise only these question types, comma-separated ('' = all four)
     eval_every: int = 50           # greedy validation every this many steps (0: only at the end)
@@ -106,8 +105,6 @@ def check(cfg):
             f"--types must be comma-separated names from {', '.join(data.QUESTION_TYPES)}"),
            (min(weights := [getattr(cfg, f"w_{k}") for k in reward.REWARDS]) >= 0 and sum(weights) > 0,
             "reward weights must be >= 0, not all 0"),
-           (cfg.w_consistency == 0 or (cfg.w_consistency > 0 and cfg.data == "synthetic"),
-            "--w-consistency must be >= 0, and > 0 only with --data synthetic (it reads the synthetic templates)"),
            (cfg.max_new_tokens >= 0 and cfg.warmup_steps >= 1 and cfg.grad_clip > 0,
             "--max-new-tokens must be >= 0, --warmup-steps >= 1, --grad-clip > 0"),
            ((cfg.train_size == 0 or cfg.prompts <= cfg.train_size) and
@@ -242,7 +239,7 @@ def span_advantages(scores, ids, is_digit, weights, group_size, norm="group"):
     def part(keys):
         r = torch.tensor([sum(weights[k] * s[k] for k in keys) for s in scores], device=ids.device)
         return advantages(r, group_size, norm)                          # [N]
-    a_box, a_text = part(reward.BOX_REWARDS), part([k for k in weights if k not in reward.BOX_REWARDS])
+    a_box, a_text = part(reward.BOX_REWARDS), part(reward.TEXT_REWARDS)
     digit = is_digit.to(ids.device)[ids]                                # [N, T]
     return torch.where(digit, a_box.unsqueeze(1), a_text.unsqueeze(1))  # [N, T]
 
@@ -279,20 +276,6 @@ def coord_advantages(scores, texts, refs, ids, is_digit, weights, group_size, no
                 mean, std = stats[(i // group_size, x[0], x[1])]
                 adv[i, t0:t1] = w * (mean - x[2]) / (std + 1.0)
     return adv
-
-
-# ----------------------------------------------------------------------------- beyond the paper: a consistency reward
-# The answer reward pays a right letter, whether or not the reasoning above it led there. With
-# --w-consistency > 0 a completion is also paid when its answer is the one its OWN reasoning
-# implies (evaluate.implied_answer: the finding it states for the asked region), right or wrong:
-# every group, not only those whose reasoning is right, then teaches the copy from the reasoning
-# to the answer. It reads the synthetic question templates, so it is synthetic-data only.
-def add_consistency(scores, texts, rows, group_size, weights):
-    """Adds 'consistency' to each reward.score dict [N] and folds it into its weighted 'total'."""
-    w, base = weights["consistency"], sum(weights[k] for k in reward.REWARDS)
-    for i, (s, text) in enumerate(zip(scores, texts)):
-        s["consistency"] = evaluate.consistency(text, rows["question"][i // group_size], rows["question_type"][i // group_size])
-        s["total"] = (s["total"] * base + w * s["consistency"]) / (base + w)
 
 
 # ----------------------------------------------------------------------------- plumbing
@@ -374,7 +357,7 @@ def main(cfg):
     val = data.load("validation", cfg.eval_n, cfg, frame)[:]
     if not cfg.max_new_tokens:
         cfg.max_new_tokens = M.completion_budget(processor, train["response"])
-    weights = {k: getattr(cfg, f"w_{k}") for k in reward.REWARDS + (("consistency",) if cfg.w_consistency else ())}
+    weights = {k: getattr(cfg, f"w_{k}") for k in reward.REWARDS}
     opt = run.adamw([p for p in policy.parameters() if p.requires_grad], lr=cfg.lr, betas=(0.9, 0.99), weight_decay=cfg.weight_decay)
     B, G = cfg.prompts, cfg.group_size
     is_digit = digit_tokens(processor.tokenizer) if cfg.credit != "sequence" else None   # [V]
@@ -408,8 +391,6 @@ def main(cfg):
         # ---- 2. reward: each completion against its prompt's reference response
         scores = [reward.score(text, rows["response"][i // G], rows["question_type"][i // G], weights,
                                frame=rows["image"][i // G].size) for i, text in enumerate(roll["texts"])]
-        if cfg.w_consistency:           # beyond the paper: see add_consistency
-            add_consistency(scores, roll["texts"], rows, G, weights)
         rewards = torch.tensor([s["total"] for s in scores], device=device)      # [N]
 
         # ---- 3. advantage: relative to the group
@@ -445,7 +426,7 @@ def main(cfg):
         split = {"time_generate": t1 - t0, "time_score": t2 - t1, "time_reference": t3 - t2, "time_train": t4 - t3}
         timings.append(list(split.values()))
         rec = {"step": step + 1, "loss": loss, "lr": lr, "skipped": int(not finite),
-               **{f"reward_{k}": float(np.mean([s[k] for s in scores])) for k in weights},
+               **{f"reward_{k}": float(np.mean([s[k] for s in scores])) for k in reward.REWARDS},
                "reward": float(rewards.mean()), "reward_std": float(rewards.std()),
                "zero_std_groups": float((groups.std(1) < 1e-6).float().mean()),
                "length_mean": float(lengths.float().mean()), "length_max": int(lengths.max()),
