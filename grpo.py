@@ -77,7 +77,6 @@ class GRPOConfig(run.MemoryFlags, data.DataFlags):
     w_answer: float = reward.DEFAULT_WEIGHTS["answer"]        # reward weight: exact answer check
     w_grounding: float = reward.DEFAULT_WEIGHTS["grounding"]  # reward weight: the paper's rule (box count equal and mean IoU > 0.75)
     w_iou: float = reward.DEFAULT_WEIGHTS["iou"]              # reward weight: dense matched IoU
-    answer_boost: float = 1.0      # probe: multiply the advantage of the tokens inside <answer>...</answer> by this
     train_size: int = 0            # training questions (0: every one: 8000 synthetic, 7/8 of them unseen by sft.py)
     types: str = ""                # practise only these question types, comma-separated ('' = all four)
     eval_every: int = 50           # greedy validation every this many steps (0: only at the end)
@@ -399,13 +398,6 @@ def main(cfg):
             adv = advantages(rewards, G, cfg.adv_norm)
         else:                           # [N, T]: each reward credited to the tokens that decide it (beyond the paper)
             adv = token_advantages(cfg, scores, roll, rows["response"], is_digit, weights, G)
-            if cfg.answer_boost != 1.0:
-                ids = roll["completion_ids"]
-                a_open = processor.tokenizer.convert_tokens_to_ids("<answer>")
-                a_close = processor.tokenizer.convert_tokens_to_ids("</answer>")
-                inside = ((ids == a_open).long().cumsum(1) - (ids == a_close).long().cumsum(1)) > 0
-                inside &= ids != a_open
-                adv = torch.where(inside, adv * cfg.answer_boost, adv)
         t2 = time.time()
 
         # ---- 4. log-probs of the rollout under pi_old (and pi_ref), before any update
