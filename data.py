@@ -39,7 +39,8 @@ GEMEX_FRAME = 224  # the frame in which real GEMeX boxes are written
 GEMEX_HUB_ID = "BoKelvin/GEMeX-ThinkVG"  # the real data, read by gemex.py
 QUESTION_TYPES = ["open_ended_questions", "closed_ended_questions",
                   "single_choice_questions", "multi_choice_questions"]
-SPLITS = {"train": 0, "validation": 1, "test": 2}  # the split id goes into the seed: no shared images
+SPLITS = {"train": 0, "validation": 1, "test": 2,  # the split id goes into the seed: no shared images
+          "reading": 4}                             # sft.py's text-only reading warm-up (3: the tower's)
 
 # Chest ImaGenome-style anatomical regions. "right"/"left" are the patient's.
 REGIONS = ["right upper lung zone", "right mid lung zone", "right lower lung zone",
@@ -300,6 +301,14 @@ def tower_samples(n, seed=0, frame=112):
         findings = sample_findings(rng)
         pixels, boxes = draw_radiograph(rng, frame, findings)
         yield Image.fromarray(pixels), boxes, {r: k for k, r in findings}
+
+
+def reading_samples(n, seed=0, frame=112):
+    """n fresh (question, response) pairs for sft.py's reading warm-up, TEXT only: a stream of
+    their own (split id 4), so no train, validation or test question is among them."""
+    for i in range(n):
+        s = make_sample("reading", i, seed, frame)
+        yield s["question"], s["response"]
 
 
 # ----------------------------------------------------------------------------- datasets container
