@@ -225,6 +225,26 @@ def warm_up_tower(model, processor, cfg, device, frame, batch=32):
 
 
 # ----------------------------------------------------------------------------- beyond the paper: reading
+def reading_batch(processor, rows, end_id, device):
+    """(question, response) text pairs, no image -> ids [B, P+T] (left-padded chat prompt, then the
+    response and its end token), attention [B, P+T], and a mask [B, T] over the completion that
+    is 1 on exactly the answer: what follows <answer>, its </answer> and the end-of-turn token."""
+    tok = processor.tokenizer
+    prompts = [processor.apply_chat_template([{"role": "system", "content": M.SYSTEM_PROMPT},
+               {"role": "user", "content": [{"type": "text", "text": q}]}], add_generation_prompt=True, tokenize=False)
+               for q, _ in rows]
+    p = processor(text=prompts, return_tensors="pt", padding=True)                  # [B, P]
+    cut = [r.rindex("<answer>") + len("<answer>") for _, r in rows]                  # the reasoning | the answer
+    parts = [(tok(r[:k], add_special_tokens=False)["input_ids"], tok(r[k:], add_special_tokens=False)["input_ids"] + [end_id])
+             for (_, r), k in zip(rows, cut)]
+    T = max(len(a) + len(b) for a, b in parts)
+    ids, valid, answer = torch.full((len(rows), T), tok.pad_token_id), torch.zeros(len(rows), T, dtype=torch.long), torch.zeros(len(rows), T)
+    for i, (a, b) in enumerate(parts):
+        ids[i, :len(a) + len(b)], valid[i, :len(a) + len(b)], answer[i, len(a):len(a) + len(b)] = torch.tensor(a + b), 1, 1
+    return (torch.cat([p["input_ids"], ids], 1).to(device), torch.cat([p["attention_mask"], valid], 1).to(device),
+            answer.to(device))
+
+
 def warm_up_reading(model, processor, cfg, device, frame, batch=32):
     """Stage 0b for the from-scratch tiny model (--reading-steps): teach the decoder to READ a
     reasoning before it sees any trace. Given a question, its options and a written reasoning,
@@ -235,22 +255,8 @@ def warm_up_reading(model, processor, cfg, device, frame, batch=32):
     questions but the letter after it is right at chance (NOTES.md): 250 single-choice traces
     are memorised, not read, and one reward per sampled letter does not teach the lookup either.
     A pretrained LLM reads already; real checkpoints skip this."""
-    tok, end_id = processor.tokenizer, M.end_ids(model)[0]
+    end_id = M.end_ids(model)[0]
     texts = list(data.reading_samples(min(8000, cfg.reading_steps * batch) + 256, cfg.seed, frame))
-    def encode(rows):   # -> ids [B, P+T], attention [B, P+T], answer mask over the T completion positions [B, T]
-        prompts = [processor.apply_chat_template([{"role": "system", "content": M.SYSTEM_PROMPT},
-                   {"role": "user", "content": [{"type": "text", "text": q}]}], add_generation_prompt=True, tokenize=False)
-                   for q, _ in rows]
-        p = processor(text=prompts, return_tensors="pt", padding=True)                 # left-padded [B, P]
-        split = [r.rindex("<answer>") + len("<answer>") for _, r in rows]
-        comp = [(tok(r[:k], add_special_tokens=False)["input_ids"], tok(r[k:], add_special_tokens=False)["input_ids"] + [end_id])
-                for (_, r), k in zip(rows, split)]
-        T = max(len(a) + len(b) for a, b in comp)
-        ids, valid, ans = torch.full((len(rows), T), tok.pad_token_id), torch.zeros(len(rows), T), torch.zeros(len(rows), T)
-        for i, (a, b) in enumerate(comp):
-            ids[i, :len(a) + len(b)], valid[i, :len(a) + len(b)], ans[i, len(a):len(a) + len(b)] = torch.tensor(a + b), 1, 1
-        return (torch.cat([p["input_ids"], ids], 1).to(device), torch.cat([p["attention_mask"], valid.long()], 1).to(device),
-                ans.to(device))
     def answer_logits(ids, attention, T):                                                # [B, T, V]
         return model(input_ids=ids, attention_mask=attention, mm_token_type_ids=torch.zeros_like(ids),
                      logits_to_keep=T + 1, use_cache=False).logits[:, :-1].float()
@@ -260,7 +266,7 @@ def warm_up_reading(model, processor, cfg, device, frame, batch=32):
     for step in tqdm(range(cfg.reading_steps), desc="reading warm-up"):
         for group in opt.param_groups:
             group["lr"] = cfg.lr * min(1.0, (step + 1) / 50) * cosine(step / cfg.reading_steps)
-        ids, attention, ans = encode([train[i] for i in torch.randint(0, len(train), (batch,), generator=g)])
+        ids, attention, ans = reading_batch(processor, [train[i] for i in torch.randint(0, len(train), (batch,), generator=g)], end_id, device)
         logits = answer_logits(ids, attention, ans.shape[1])
         nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), ids[:, -ans.shape[1]:], reduction="none")  # [B, T]
         loss = (nll * ans).sum() / ans.sum()
@@ -269,7 +275,7 @@ def warm_up_reading(model, processor, cfg, device, frame, batch=32):
         opt.step()
         opt.zero_grad(set_to_none=True)
     with torch.no_grad():                   # held out: every answer token the argmax, given the reasoning
-        ids, attention, ans = encode(texts[-256:])
+        ids, attention, ans = reading_batch(processor, texts[-256:], end_id, device)
         wrong = ((answer_logits(ids, attention, ans.shape[1]).argmax(-1) != ids[:, -ans.shape[1]:]) & (ans > 0)).any(1)
     print(f"reading warm-up: {cfg.reading_steps} steps, loss {loss.item():.3f}, "
           f"held-out answers read right {1 - wrong.float().mean():.2f}")

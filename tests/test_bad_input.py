@@ -45,7 +45,8 @@ def test_each_script_names_the_bad_checkpoint(tmp_path):
 @pytest.mark.parametrize("flags,word", [({"lr": -1.0}, "--lr"), ({"batch_size": 0}, "--batch-size"),
                                         ({"train_size": 10**6}, "--train-size"), ({"grad_clip": 0.0}, "--grad-clip"),
                                         ({"eval_n": 0}, "--eval-n"), ({"keep": 0}, "--keep"),
-                                        ({"tower_steps": -1}, "--tower-steps"), ({"tower_lr": 0.0}, "--tower-lr")])
+                                        ({"tower_steps": -1}, "--tower-steps"), ({"tower_lr": 0.0}, "--tower-lr"),
+                                        ({"reading_steps": -1}, "--reading-steps")])
 def test_sft_flags_out_of_range(flags, word):
     with pytest.raises(SystemExit, match=word):
         sft.check(replace(sft.SFTConfig(), **flags))

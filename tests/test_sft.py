@@ -49,8 +49,10 @@ def test_param_groups_cover_every_parameter_once_with_a_slower_vision_tower():
 def test_sft_then_evaluate_smoke(tmp_path):
     out = tmp_path / "sft"
     r = subprocess.run([sys.executable, "sft.py", "--max-steps", "4", "--batch-size", "4", "--eval-every", "2",
-                        "--eval-n", "2", "--train-size", "64", "--tower-steps", "2", "--out", str(out)], capture_output=True, text=True)
+                        "--eval-n", "2", "--train-size", "64", "--tower-steps", "2", "--reading-steps", "2",
+                        "--out", str(out)], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-2000:]
+    assert "reading warm-up: 2 steps" in r.stdout
     lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert [x["step"] for x in lines] == [1, 2, 3, 4] and lines[-1]["loss"] < lines[0]["loss"]
     assert all(0 <= lines[-1][f"val_{k}"] <= 1 for k in ("format", "answer", "iou", "grounding"))
@@ -65,6 +67,22 @@ def test_sft_then_evaluate_smoke(tmp_path):
     assert summary["checkpoint"] == str(out) and summary["n"] == 6
     assert all(0 <= summary[k] <= 1 for k in ("format_rate", "accuracy", "mean_iou", "iou50_rate", "grounding_rate"))
     assert (tmp_path / "g.png").exists()
+
+
+def test_reading_batch_targets_exactly_the_answer():
+    """The reading warm-up is text only, and its loss falls on the answer alone: the reasoning
+    is context (never a target), so it cannot teach what a film shows."""
+    model, processor = M.load("tiny")
+    rows = [(s["question"], s["response"]) for s in (data.make_sample("reading", i) for i in range(4))]
+    end, tok = M.end_ids(model)[0], processor.tokenizer
+    ids, attention, answer = sft.reading_batch(processor, rows, end, "cpu")
+    T = answer.shape[1]
+    assert ids.shape == attention.shape and not (ids == processor.image_token_id).any()      # no image
+    for i, (_, response) in enumerate(rows):
+        target = ids[i, -T:][answer[i].bool()].tolist()
+        said = response[response.rindex("<answer>") + len("<answer>"):]                     # e.g. "B</answer>"
+        assert target == tok(said, add_special_tokens=False)["input_ids"] + [end]
+        assert tok.decode(ids[i, -T:][attention[i, -T:].bool()].tolist()[:-1]) == response  # the whole response is there
 
 
 def test_tower_targets_by_hand():
