@@ -10,6 +10,7 @@ of ONE EIGHTH of the training images (--train-size 1000 of 8000); grpo.py then p
 8000 questions, scored against their labels. `--train-size 8000 --max-steps 1500` is the upper
 bound: a trace for every image. For the tiny model the vision tower is first warmed up (stage 0,
 warm_up_tower below: what each film shows and where, before any text; real checkpoints skip it).
+`--reading-steps 500` adds a text-only reading warm-up, beyond the paper (warm_up_reading below).
 
     python sft.py                          # tiny model, synthetic data, CPU: see README for timings
     python sft.py --train-size 8000 --max-steps 1500 --out runs/sft_all   # every trace: the upper bound
