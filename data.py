@@ -39,8 +39,8 @@ GEMEX_FRAME = 224  # the frame in which real GEMeX boxes are written
 GEMEX_HUB_ID = "BoKelvin/GEMeX-ThinkVG"  # the real data, read by gemex.py
 QUESTION_TYPES = ["open_ended_questions", "closed_ended_questions",
                   "single_choice_questions", "multi_choice_questions"]
-SPLITS = {"train": 0, "validation": 1, "test": 2,  # the split id goes into the seed: no shared images
-          "reading": 4}                             # sft.py's text-only reading warm-up (3: the tower's)
+SPLITS = {"train": 0, "validation": 1, "test": 2}  # the split id goes into the seed: no shared images
+STREAMS = {**SPLITS, "reading": 4}                 # + sft.py's text-only reading warm-up (3: the tower's)
 
 # Chest ImaGenome-style anatomical regions. "right"/"left" are the patient's.
 REGIONS = ["right upper lung zone", "right mid lung zone", "right lower lung zone",
@@ -232,7 +232,7 @@ def _lettered(opts):
 
 def make_sample(split, index, seed=0, frame=112):
     """Sample `index` of `split`: its own image, one question, a ThinkVG response. Pure in its args."""
-    rng = np.random.default_rng([seed, SPLITS[split], index])
+    rng = np.random.default_rng([seed, STREAMS[split], index])
     qtype = QUESTION_TYPES[index % 4]  # exact balance of the four GEMeX question types
     variant = rng.random() < 0.5       # which of the two templates of this type
     needs_finding = qtype in ("open_ended_questions", "multi_choice_questions") or (
