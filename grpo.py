@@ -77,9 +77,6 @@ class GRPOConfig(run.MemoryFlags, data.DataFlags):
     w_answer: float = reward.DEFAULT_WEIGHTS["answer"]        # reward weight: exact answer check
     w_grounding: float = reward.DEFAULT_WEIGHTS["grounding"]  # reward weight: the paper's rule (box count equal and mean IoU > 0.75)
     w_iou: float = reward.DEFAULT_WEIGHTS["iou"]              # reward weight: dense matched IoU
-    sft_coef: float = 0.0          # probe: add this x the teacher-forced NLL of --sft-batch of sft.py's traces each step (PPO-ptx)
-    sft_batch: int = 16            # probe: traces per step for --sft-coef
-    sft_traces: int = 1000         # probe: the first this many training rows are the traces sft.py saw
     train_size: int = 0            # training questions (0: every one: 8000 synthetic, 7/8 of them unseen by sft.py)
     types: str = ""                # practise only these question types, comma-separated ('' = all four)
     eval_every: int = 50           # greedy validation every this many steps (0: only at the end)
@@ -358,8 +355,6 @@ def main(cfg):
         raise SystemExit(f"grpo.py: {len(train)} training prompts" + (f" of --types {cfg.types}" if cfg.types else "")
                          + f", fewer than --prompts {cfg.prompts}")
     val = data.load("validation", cfg.eval_n, cfg, frame)[:]
-    traces = data.load("train", cfg.sft_traces, cfg, frame) if cfg.sft_coef > 0 else None
-    g_sft, end_id = torch.Generator().manual_seed(cfg.seed + 7), M.end_ids(policy)[0]
     if not cfg.max_new_tokens:
         cfg.max_new_tokens = M.completion_budget(processor, train["response"])
     weights = {k: getattr(cfg, f"w_{k}") for k in reward.REWARDS}
@@ -417,15 +412,6 @@ def main(cfg):
             g["lr"] = lr
         for _ in range(cfg.mu):
             loss, stats = accumulate_gradients(net, roll, adv, old, ref_logp, cfg, amp)
-            if traces is not None:      # probe: the teacher-forced loss on the scarce traces, in the same step
-                tr = traces[torch.randint(len(traces), (cfg.sft_batch,), generator=g_sft).tolist()]
-                prompt = M.build_prompts(processor, tr["image"], tr["question"]).to(device)
-                ids, tmask = M.tokenize_completions(processor, tr["response"], end_id)
-                ids, tmask = ids.to(device), tmask.to(device)
-                with torch.autocast(device.type, dtype=amp, enabled=amp != torch.float32):
-                    nll = -(M.completion_logprobs(net, prompt, ids, tmask) * tmask).sum() / tmask.sum()
-                (cfg.sft_coef * nll).backward()
-                stats["sft_nll"] = nll.item()
             loss = run.ddp_mean(loss)       # the same on every rank, so all ranks agree on skipping
             grad_norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.grad_clip)
             finite = bool(np.isfinite(loss) and torch.isfinite(grad_norm))
