@@ -8,9 +8,10 @@ The regime is the cold start (DeepSeek-R1's recipe, and the GEMeX-ThinkVG paper'
 reasoning traces are scarce, labelled questions are many. By default this stage sees the traces
 of ONE EIGHTH of the training images (--train-size 1000 of 8000); grpo.py then practises on all
 8000 questions, scored against their labels. `--train-size 8000 --max-steps 1500` is the upper
-bound: a trace for every image. For the tiny model the vision tower is first warmed up (stage 0,
-warm_up_tower below: what each film shows and where, before any text; real checkpoints skip it).
-`--reading-steps 500` adds a text-only reading warm-up, beyond the paper (warm_up_reading below).
+bound: a trace for every image. The tiny model, trained from scratch, first warms up twice (real
+checkpoints skip both): its vision tower learns what each film shows and where (stage 0,
+warm_up_tower), then its decoder learns to read an answer off a written reasoning, text only
+(stage 0b, warm_up_reading: beyond the paper, `--reading-steps 0` turns it off).
 
     python sft.py                          # tiny model, synthetic data, CPU: see README for timings
     python sft.py --train-size 8000 --max-steps 1500 --out runs/sft_all   # every trace: the upper bound
@@ -67,7 +68,7 @@ class SFTConfig(run.MemoryFlags, data.DataFlags):
     max_bad_steps: int = 3       # stop after this many non-finite losses/gradients in a row (each update is skipped)
     tower_steps: int = 800       # vision warm-up steps before SFT (tiny model, synthetic data only; 0: none): warm_up_tower
     tower_lr: float = 3e-3       # peak learning rate of the vision warm-up (cosine decay to 10%)
-    reading_steps: int = 0       # text-only reading warm-up steps before SFT (tiny model; 0: none): warm_up_reading
+    reading_steps: int = 500     # text-only reading warm-up steps before SFT (tiny model, synthetic data only; 0: none): warm_up_reading
     trace: str = "thinkvg"       # targets: 'thinkvg' (grounded reasoning, then the answer) or 'answer' (the answer alone)
 
 
@@ -255,6 +256,7 @@ def warm_up_reading(model, processor, cfg, device, frame, batch=32):
     Why: after SFT on 1,000 traces the reasoning names the right option on ~3/4 of single-choice
     questions but the letter after it is right at chance (NOTES.md): 250 single-choice traces
     are memorised, not read, and one reward per sampled letter does not teach the lookup either.
+    Measured over three seeds: stage 1's accuracy +0.11, and its spread over seeds a third (README).
     A pretrained LLM reads already; real checkpoints skip this."""
     end_id = M.end_ids(model)[0]
     texts = list(data.reading_samples(min(8000, cfg.reading_steps * batch) + 256, cfg.seed, frame))
@@ -326,12 +328,13 @@ def main(cfg):
         run.load_adapters(model, state["adapters"])
     model.train()
     frame = M.image_frame(processor, data.GEMEX_FRAME)           # gemex boxes move 224 -> the frame the model sees
-    if cfg.tower_steps and not ckpt and not cfg.lora_r and cfg.model == "tiny" and cfg.data == "synthetic":
-        warm_up_tower(model, processor, cfg, device, frame)   # stage 0; a real checkpoint's tower is pretrained
-    elif cfg.tower_steps and not ckpt:
-        print("vision warm-up skipped: it is for --model tiny on --data synthetic")
-    if cfg.reading_steps and not ckpt and cfg.model == "tiny":
-        warm_up_reading(model, processor, cfg, device, frame)    # beyond the paper: the decoder learns to read
+    scratch = not ckpt and not cfg.lora_r and cfg.model == "tiny" and cfg.data == "synthetic"
+    if scratch and cfg.tower_steps:
+        warm_up_tower(model, processor, cfg, device, frame)      # stage 0; a real checkpoint's tower is pretrained
+    if scratch and cfg.reading_steps:
+        warm_up_reading(model, processor, cfg, device, frame)    # stage 0b, beyond the paper: the decoder learns to read
+    if not scratch and not ckpt and (cfg.tower_steps or cfg.reading_steps):
+        print("vision warm-up skipped, and the reading warm-up: both are for --model tiny on --data synthetic")
     net = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model   # forward/backward go through net
     end_id = M.end_ids(model)[0]
     train = data.load("train", cfg.train_size or (COLD_START_TRACES if cfg.data == "synthetic" else None), cfg, frame)

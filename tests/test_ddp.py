@@ -20,7 +20,7 @@ def torchrun(script, *flags):
 def test_sft_then_grpo_on_two_processes(tmp_path):
     sft_out, grpo_out = tmp_path / "sft", tmp_path / "grpo"
     r = torchrun("sft.py", "--max-steps", "3", "--batch-size", "2", "--train-size", "32", "--eval-every", "0",
-                 "--eval-n", "2", "--save-every", "2", "--tower-steps", "2", "--out", str(sft_out))
+                 "--eval-n", "2", "--save-every", "2", "--tower-steps", "2", "--reading-steps", "2", "--out", str(sft_out))
     assert r.returncode == 0, r.stderr[-3000:]
     assert "2 ranks agree on the weights" in r.stdout and "rank 1 of 2" in r.stdout
     lines = [json.loads(x) for x in (sft_out / "metrics.jsonl").read_text().splitlines()]

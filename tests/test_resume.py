@@ -15,7 +15,7 @@ import model as M
 import run
 
 SFT = ["sft.py", "--max-steps", "10", "--batch-size", "4", "--train-size", "24", "--eval-every", "0",
-       "--eval-n", "2", "--save-every", "2", "--keep", "2", "--tower-steps", "2"]
+       "--eval-n", "2", "--save-every", "2", "--keep", "2", "--tower-steps", "2", "--reading-steps", "2"]
 TIMING = {"elapsed_s", "time_generate", "time_score", "time_reference", "time_train"}
 
 
