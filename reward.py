@@ -31,8 +31,10 @@ import re
 from dataclasses import dataclass, field
 
 # The paper's two rewards are answer and grounding; format keeps the tags parseable, and the dense
-# IoU shapes the grounding rule's 0/1 (a box 0.74 of the way there still scores).
-DEFAULT_WEIGHTS = {"format": 0.25, "answer": 1.0, "grounding": 1.0, "iou": 0.5}
+# IoU shapes the grounding rule's 0/1 (a box 0.74 of the way there still scores). The box rewards
+# weigh half the answer's: their advantages move the same weights as the answer's, and at equal
+# weight they took back half of what the answer reward teaches (README, "Results").
+DEFAULT_WEIGHTS = {"format": 0.25, "answer": 1.0, "grounding": 0.5, "iou": 0.25}
 REWARDS = tuple(DEFAULT_WEIGHTS)          # ("format", "answer", "grounding", "iou"): every log and table uses these
 TEXT_REWARDS, BOX_REWARDS = ("format", "answer"), ("grounding", "iou")   # decided by text tokens / by box digits
 GROUNDING_IOU = 0.75   # the paper's threshold on the mean matched IoU

@@ -256,7 +256,7 @@ def warm_up_reading(model, processor, cfg, device, frame, batch=32):
     Why: after SFT on 1,000 traces the reasoning names the right option on ~3/4 of single-choice
     questions but the letter after it is right at chance (NOTES.md): 250 single-choice traces
     are memorised, not read, and one reward per sampled letter does not teach the lookup either.
-    Measured over three seeds: stage 1's accuracy +0.11, and its spread over seeds a third (README).
+    Measured over three seeds: the whole pipeline's accuracy +0.115 (README, "Results").
     A pretrained LLM reads already; real checkpoints skip this."""
     end_id = M.end_ids(model)[0]
     texts = list(data.reading_samples(min(8000, cfg.reading_steps * batch) + 256, cfg.seed, frame))
