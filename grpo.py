@@ -54,7 +54,7 @@ import run
 class GRPOConfig(run.MemoryFlags, data.DataFlags):
     init: str = "runs/sft"         # the SFT checkpoint to start from (and the frozen reference when beta > 0)
     out: str = "runs/grpo"         # output directory for metrics, config and the final checkpoint
-    max_steps: int = 500           # GRPO steps (one rollout each): ~14 min on 2 CPU cores
+    max_steps: int = 500           # GRPO steps (one rollout each): ~8 min on 2 CPU cores (0.9 s a step)
     prompts: int = 8               # B: prompts per step
     group_size: int = 8            # G: completions sampled per prompt (>= 2: the group is the baseline)
     temperature: float = 0.7       # sampling temperature of the rollouts (and of the log-probs that score them)
