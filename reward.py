@@ -29,6 +29,7 @@ quantifiers, a cap on how many boxes are matched).
 """
 import re
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 # The paper's two rewards are answer and grounding; format keeps the tags parseable, and the dense
 # IoU shapes the grounding rule's 0/1 (a box 0.74 of the way there still scores). The box rewards
@@ -87,16 +88,21 @@ def _reasoning_span(text):
     return (0, a0 if a0 >= 0 else len(text)), (t0, t1, a0, a1)   # no think span: all before the answer
 
 
-def _region_before(text, end):
+def _region_before(text, end, raw=False):
     """The region name written just before a box: trailing words of a short window, cut at the
-    last stop word ('... shows nothing in the left lower lung zone [' -> 'left lower lung zone')."""
-    words = re.findall(r"[A-Za-z]+", text[max(0, end - 60):end])
-    out = []
+    last stop word ('... shows nothing in the left lower lung zone [' -> 'left lower lung zone').
+    raw=True: the stretch of `text` from the name's first word up to `end`, as written."""
+    window = text[max(0, end - 60):end]
+    words = list(re.finditer(r"[A-Za-z]+", window))
+    kept = []
     for w in reversed(words):
-        if w.lower() in _STOP:
+        if w[0].lower() in _STOP:
             break
-        out.append(w.lower())
-    return " ".join(reversed(out[:6]))
+        kept.append(w)
+    kept = kept[:6]
+    if raw:
+        return window[kept[-1].start():] if kept else ""
+    return " ".join(w[0].lower() for w in reversed(kept))
 
 
 def valid_box(box, frame=None):
@@ -153,35 +159,58 @@ def matched_iou_sum(pred, ref):
     return match_boxes(pred, ref)[0]
 
 
+def box_rewards(iou_sum, n_pred, n_ref):
+    """(the paper's 0/1 grounding, the dense IoU) from the matched IoU sum and the two box counts:
+    the one definition of both, used by the reward and by grpo.py's count credit."""
+    if not n_pred or not n_ref:
+        return 0.0, 0.0
+    grounding = float(n_pred == n_ref and iou_sum / n_ref > GROUNDING_IOU)
+    return grounding, min(iou_sum / max(n_pred, n_ref), 1.0)
+
+
 def grounding_scores(pred, ref):
     """(paper's 0/1 grounding reward, dense IoU) for lists of boxes."""
-    if not pred or not ref:
-        return 0.0, 0.0
-    total = matched_iou_sum(pred, ref)
-    grounding = float(len(pred) == len(ref) and total / len(ref) > GROUNDING_IOU)
-    return grounding, min(total / max(len(pred), len(ref)), 1.0)
+    return box_rewards(matched_iou_sum(pred, ref) if pred and ref else 0.0, len(pred), len(ref))
 
 
-def coordinate_errors(completion, reference):
-    """Per number in `completion`, in order of writing: (j, c, |pred_c - ref_c|) when it is
-    coordinate c (0..3) of a reasoning box that the reward's own matching (match_boxes) pairs
-    with reference box j, else None. Matched by geometry, never by wording: a completion that
-    names a region unlike its reference, or writes `(right hemidiaphragm [43, 126, 129, 150])`
-    after a clause, is credited all the same. For grpo.py's --credit coord. Never raises."""
+class Box(NamedTuple):
+    """One box of a completion, as box_layout reads it. Character positions index the completion."""
+    span: tuple      # (start, end) of the box with the region words before it
+    numbers: list    # (start, end) of each of its four numbers
+    ref: int         # the reference box the reward pairs it with; None: unpaired (not in the reference)
+    errors: list     # |pred_c - ref_c| in pixels for c = 0..3; None when unpaired
+
+
+@dataclass
+class BoxLayout:
+    """Where a completion's boxes are and what the reward made of them (grpo.py's --credit coord).
+    Character positions index the completion string."""
+    boxes: list = field(default_factory=list)   # Box per reasoning box, in order of writing
+    ref: list = field(default_factory=list)     # the reference's boxes, [x1, y1, x2, y2] each
+    think_end: tuple = None                     # (start, end) of the </think> tag, or None
+
+
+def box_layout(completion, reference):
+    """Each reasoning box of `completion`, matched to `reference` exactly as the reward matches
+    them (match_boxes: by geometry, never by wording), as Box records: the span of
+    'left lower lung zone [60, 70, 95, 95]', its four numbers, the reference box it is paired
+    with and the error of each coordinate. Never raises."""
     if not isinstance(completion, str) or not isinstance(reference, str):
-        return []
+        return BoxLayout()
     ref = [b for _, b in parse(reference).boxes]
-    (s0, s1), _ = _reasoning_span(completion)
-    boxes = list(BOX.finditer(completion, s0, s1))[:MAX_BOXES]                  # the boxes the reward scores
-    pred = [[float(v) for v in m.groups()] for m in boxes]
-    starts = {m.start(): i for i, m in enumerate(re.finditer(r"\d+", completion))}
-    out = [None] * len(starts)
-    for i, j in match_boxes(pred, ref)[1]:
-        for c in range(4):
-            k = starts.get(boxes[i].start(c + 1) + boxes[i].group(c + 1).startswith("-"))
-            if k is not None:
-                out[k] = (j, c, abs(pred[i][c] - ref[j][c]))
-    return out
+    (s0, s1), (t0, t1, _, _) = _reasoning_span(completion)
+    found = list(BOX.finditer(completion, s0, s1))
+    pred = [[float(v) for v in m.groups()] for m in found]
+    pairs = dict(match_boxes(pred, ref)[1])                           # pred index -> ref index
+    boxes = []
+    for i, m in enumerate(found):
+        j = pairs.get(i)
+        before = completion[s0:m.start()]
+        start = m.start() - len(_region_before(before, len(before), raw=True))
+        numbers = [(m.start(c + 1), m.end(c + 1)) for c in range(4)]
+        errors = [abs(pred[i][c] - ref[j][c]) for c in range(4)] if j is not None else None
+        boxes.append(Box((start, m.end()), numbers, j, errors))
+    return BoxLayout(boxes, ref, (t1, t1 + 8) if 0 <= t0 < t1 else None)
 
 
 # ----------------------------------------------------------------------------- answers
@@ -194,17 +223,19 @@ def normalise(text):
 
 
 def letters(text):
-    """The option letters an answer picks, sorted. Styles: 'A, C', 'A,C', 'AC', 'a c', 'A and C',
+    """The option letters an answer picks, sorted. Styles: 'A, C', 'A,C', 'a c', 'A and C',
     "['A', 'C']", '(A) (C)', 'A; C', 'A. nodule, C. mass', 'Option B', 'B) mass', 'C: 1.2 cm'.
-    In prose only the letter that opens an option counts (or ends a clause: 'the answer is B'):
-    'A: Type B aortic dissection' is A, 'B: Vitamin D deficiency' is B."""
+    A letter counts only where it stands alone, never inside a word: 'bad' picks nothing (not A,
+    B and D), nor does 'AC'. In prose only the letter that opens an option counts (or ends a
+    clause: 'the answer is B'): 'A: Type B aortic dissection' is A, 'B: Vitamin D deficiency' B."""
     bare = re.sub(r"\b(?:and|or|options?|answers?)\b", " ", text, flags=re.IGNORECASE)
-    if re.fullmatch(r"[A-Ha-h\s,;/&()\[\].:+'\"-]*", bare) and re.search(r"[A-Ha-h]", bare):
-        return sorted({c.upper() for c in re.findall(r"[A-Ha-h]", bare)})   # letters only: every letter counts
+    if (re.fullmatch(r"[A-Ha-h\s,;/&()\[\].:+'\"-]*", bare) and re.search(r"[A-Ha-h]", bare)
+            and not re.search(r"[A-Za-z]{2}", bare)):
+        return sorted({c.upper() for c in re.findall(r"[A-Ha-h]", bare)})   # letters only: each counts
     found = set()
     for part in re.split(r"[,;/&]", bare[:2000]):
-        m = (re.match(r"\s*[(\['\"]*([A-H])(?:[.:)\]'\"]|\s|$)", part)        # opens the option: 'C: 1.2 cm'
-             or re.search(r"(?<![A-Za-z])([A-H])[\s.)\]'\"]*$", part))        # or ends the clause: 'is B.'
+        m = (re.match(r"\s*[(\['\"]*([A-H])(?:[.:)\]'\"]|\s|$)", part)      # opens the option: 'C: 1.2 cm'
+             or re.search(r"(?<![^\W\d_])([A-H])[\s.)\]'\"]*$", part))    # or ends the clause: 'is B.'
         if m:
             found.add(m.group(1))
     return sorted(found)
@@ -298,11 +329,20 @@ def open_answer_score(pred, ref):
     return _f1(set(p.split()) - _STOPWORDS, set(r.split()) - _STOPWORDS)
 
 
+# A hedge commits to neither answer: "It is not clear" must not read as "no" (its "not" is a
+# negation cue), nor "possibly an effusion" as "yes".
+_HEDGE = re.compile(r"\b(?:not (?:clear|sure|certain|possible to (?:tell|say|determine))|unclear|uncertain|unsure|"
+                    r"cannot (?:tell|say|be (?:determined|assessed|excluded|ruled out)|determine|assess|exclude)|"
+                    r"can ?not (?:tell|say)|can t (?:tell|say)|possibl[ey]|maybe|perhaps|equivocal|indeterminate|"
+                    r"questionable|difficult to (?:tell|say|determine|assess))\b")
+
+
 def yes_no(text):
     """'yes' or 'no' from a closed answer: its first word, or in a sentence a NegEx cue ('There is no
-    pneumothorax.' -> no, 'A small effusion is present.' -> yes); '' when it says neither."""
+    pneumothorax.' -> no, 'A small effusion is present.' -> yes); '' when it says neither or
+    hedges ('It is not clear.', 'Possibly.', 'Cannot tell.')."""
     words = normalise(text).split()
-    if not words:
+    if not words or _HEDGE.search(" ".join(words)):
         return ""
     if words[0] in ("yes", "no"):
         return words[0]

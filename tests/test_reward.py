@@ -61,9 +61,10 @@ def test_grounding_threshold_is_strict():
 
 # ----------------------------------------------------------------------------- answers
 @pytest.mark.parametrize("pred, ref, ok", [
-    ("A, C", "A, C", 1), ("C,A", "A, C", 1), ("AC", "A, C", 1), ("a and c", "A, C", 1),
+    ("A, C", "A, C", 1), ("C,A", "A, C", 1), ("a and c", "A, C", 1), ("['C', 'A']", "A, C", 1),
     ("(A) (C)", "A, C", 1), ("A; C", "A, C", 1), ("A. nodule, C. mass", "A, C", 1),
     ("A", "A, C", 0), ("A, B, C", "A, C", 0), ("", "A, C", 0), ("none", "A, C", 0),
+    ("bad", "A, B, D", 0), ("BAD", "A, B, D", 0), ("AC", "A, C", 0), ("cab", "A, B, C", 0),   # words, not letters
 ])
 def test_multi_choice_order_and_spacing(pred, ref, ok):
     assert answer_correct(pred, ref, "multi_choice_questions") == ok
@@ -222,6 +223,25 @@ def test_letters_ignore_capitals_inside_option_text():
     assert letters("['A', 'C']") == ["A", "C"] and letters("C: 1.2 cm") == ["C"]
     assert letters("A: Cardiomegaly, C: Pleural effusion") == ["A", "C"]
     assert letters("The answer is B.") == ["B"] and letters("Option D") == ["D"]
+
+
+@pytest.mark.parametrize("text, picked", [
+    ("A", ["A"]), ("A, C", ["A", "C"]), ("['A', 'C']", ["A", "C"]), ("(B)", ["B"]), ("B.", ["B"]),
+    ("Option B", ["B"]), ("bad", []), ("Bad", []), ("BAD", []), ("ACE", []), ("fade", []), ("cab", []),
+    ("a bad one", []), ("The answer is bad.", []), ("Abcd", []),
+])
+def test_letters_stand_alone_never_inside_a_word(text, picked):
+    assert letters(text) == picked
+
+
+@pytest.mark.parametrize("hedge", ["It is not clear.", "Cannot tell.", "uncertain", "Possibly.", "Maybe",
+                                   "It cannot be determined from this film.", "I can't tell.", "Unclear",
+                                   "A pneumothorax cannot be excluded.", "Possibly a small effusion.",
+                                   "Yes, possibly."])
+def test_a_hedge_is_neither_yes_nor_no(hedge):
+    assert yes_no(hedge) == ""
+    assert answer_correct(hedge, "no", "closed_ended_questions") == 0.0
+    assert answer_correct(hedge, "yes", "closed_ended_questions") == 0.0
 
 
 def test_closed_answers_read_yes_or_no_from_a_sentence():

@@ -31,8 +31,17 @@ def test_every_component_is_a_float_in_unit_interval(text, qtype, frame):
         assert isinstance(v, float) and 0.0 <= v <= 1.0, (k, v)
     reward.parse(text)                     # the parser alone is total too
     reward.score(REF, text, qtype)         # and an adversarial *reference* does not break it
-    for e in reward.coordinate_errors(text, REF) + reward.coordinate_errors(REF, text):   # grpo.py --credit coord
-        assert e is None or (isinstance(e[0], int) and e[1] in range(4) and 0.0 <= e[2] < float("inf")), e
+    for completion, ref in ((text, REF), (REF, text)):                      # grpo.py --credit coord
+        layout = reward.box_layout(completion, ref)
+        for b in layout.boxes:
+            assert 0 <= b.span[0] <= b.numbers[0][0] and b.numbers[-1][1] <= b.span[1] <= len(completion)
+            assert b.ref is None or (0 <= b.ref < len(layout.ref) and all(0 <= e < float("inf") for e in b.errors))
+
+
+@settings(max_examples=1000, deadline=None)
+@given(st.text(alphabet=st.characters(whitelist_categories=["Lu", "Ll"]), min_size=2, max_size=12))
+def test_no_letter_is_read_from_inside_a_word(word):
+    assert reward.letters(word) == [] and reward.letters(f"the {word}.") == []
 
 
 @settings(max_examples=100, deadline=None)
