@@ -31,6 +31,8 @@ One step, top to bottom in main():
 Writes --out/metrics.jsonl (one line per step, every diagnostic), run_config.json, and the final
 model + processor with save_pretrained, loadable by evaluate.py.
 """
+import bisect
+import itertools
 import json
 import os
 import random
@@ -58,7 +60,7 @@ class GRPOConfig(run.MemoryFlags, data.DataFlags):
     prompts: int = 8               # B: prompts per step
     group_size: int = 8            # G: completions sampled per prompt (>= 2: the group is the baseline)
     temperature: float = 0.7       # sampling temperature of the rollouts (and of the log-probs that score them)
-    top_p: float = 1.0             # nucleus sampling of the rollouts (1.0 = off)
+    top_p: float = 1.0             # nucleus sampling: refused below 1 (the loss scores the whole softmax)
     max_new_tokens: int = 0        # rollout length budget (0: sized from the data, 1.25x the references' 99th percentile, >= 160)
     mu: int = 1                    # optimisation passes over each rollout (mu > 1 reuses it: the ratio matters)
     micro_batch: int = 32          # sequences per forward/backward (does not change the result, only memory)
@@ -97,7 +99,9 @@ def check(cfg):
             "--prompts, --max-steps, --mu and --micro-batch must be >= 1"),
            (cfg.lr > 0, "--lr must be > 0"), (cfg.beta >= 0, "--beta must be >= 0"),
            (0 <= cfg.eps_low < 1 and cfg.eps_high >= 0, "--eps-low must be in [0, 1) and --eps-high >= 0"),
-           (cfg.temperature > 0 and 0 < cfg.top_p <= 1, "--temperature must be > 0 and --top-p in (0, 1]"),
+           (cfg.temperature > 0, "--temperature must be > 0"),
+           (cfg.top_p == 1, "--top-p below 1 would train off-policy: the rollouts would come from the "
+            "nucleus, the loss scores the whole softmax; lower --temperature instead"),
            (cfg.adv_norm in ("group", "batch", "none"), "--adv-norm must be group, batch or none"),
            (cfg.loss_agg in ("seq", "token", "constant"), "--loss-agg must be seq, token or constant"),
            (cfg.credit in ("sequence", "span", "coord"), "--credit must be sequence, span or coord"),
@@ -126,21 +130,25 @@ def advantages(rewards, group_size, norm="group", eps=1e-4):
 
     A_i = r_i - mean(group); then divide by the group's std (GRPO, eq. in Sec. 4.1.2), by the
     whole batch's std (a batch-level scale: easy and hard prompts weigh the same per reward
-    point), or by nothing (Dr. GRPO, arXiv 2503.20783: std scaling over-weights near-unanimous
-    groups). A group whose G rewards are equal has A = 0: it teaches nothing.
+    point; under DDP the batch is every rank's), or by nothing (Dr. GRPO, arXiv 2503.20783: std
+    scaling over-weights near-unanimous groups). A group of G equal rewards has A = 0.
     """
     r = rewards.view(-1, group_size)                                  # [B, G]
     a = r - r.mean(1, keepdim=True)                                    # [B, G]
     if norm == "group":
         a = a / (r.std(1, keepdim=True) + eps)
     elif norm == "batch":
-        a = a / (rewards.std() + eps)
+        a = a / (run.ddp_std(rewards) + eps)
     return a.reshape(-1)                                               # [B*G]
 
 
 def policy_loss(logp, old_logp, adv, mask, cfg, norm, ref_logp=None):
     """The clipped surrogate (PPO, arXiv 1707.06347 eq. 7) with GRPO's per-token advantage and
-    optional k3 KL (Schulman's unbiased, positive estimator of KL(pi || pi_ref)).
+    an optional KL penalty, k3 = pi_ref/pi - log(pi_ref/pi) - 1 per sampled token (Schulman's
+    estimator, as in the paper's GRPO and TRL). Its VALUE is an unbiased, positive estimate of
+    KL(pi || pi_ref), which kl_ref logs; its GRADIENT is not that KL's: over tokens sampled from
+    pi, E[grad k3] = E[(1 - pi_ref/pi) grad log pi] = grad KL(pi_ref || pi), the reverse
+    direction (arXiv 2510.01555). So beta pulls pi to cover what pi_ref likes. Kept as TRL has it.
 
     logp, old_logp, ref_logp, mask [n, T]; adv [n] (or [n, T]: --credit span / coord). Returns (loss,
     stats) where loss is this micro-batch's SHARE of the rollout's loss: `norm` is computed over
@@ -153,7 +161,7 @@ def policy_loss(logp, old_logp, adv, mask, cfg, norm, ref_logp=None):
     per_token = -surrogate                                              # [n, T]
     if cfg.beta > 0:
         d = ref_logp - logp
-        per_token = per_token + cfg.beta * (torch.exp(d) - d - 1)       # k3 >= 0, unbiased
+        per_token = per_token + cfg.beta * (torch.exp(d) - d - 1)       # k3 >= 0
     if cfg.loss_agg == "seq":        # GRPO: each sequence's token mean, then a mean over sequences
         loss = ((per_token * mask).sum(1) / mask.sum(1).clamp(min=1)).sum() / norm
     else:                            # 'token': norm = tokens in the rollout; 'constant': G*B*max_new_tokens
@@ -172,8 +180,8 @@ def loss_normaliser(mask, cfg):
     """The denominator of the rollout's loss, shared by all its micro-batches (see policy_loss)."""
     if cfg.loss_agg == "seq":
         return float(mask.shape[0])
-    if cfg.loss_agg == "token":   # at least 1: with --drop-truncated every row can be masked out
-        return max(float(mask.sum()), 1.0)
+    if cfg.loss_agg == "token":   # the mean over ranks (DDP then averages gradients: a token mean
+        return max(run.ddp_mean(mask.sum()), 1.0)   # over all ranks); >= 1: --drop-truncated
     return float(mask.shape[0] * cfg.max_new_tokens)
 
 
@@ -207,75 +215,110 @@ def accumulate_gradients(policy, roll, adv, old, ref_logp, cfg, amp=torch.float3
 
 
 # ----------------------------------------------------------------------------- beyond the paper: token-level credit
-# The paper's GRPO gives every token of a completion the same advantage. With rewards that decide
-# different tokens (the answer is a letter, the grounding is digits), that tells a box digit it was
-# good because the letter was right. --credit span / coord (the default) credit each reward to the
-# tokens that decide it (reward.TEXT_REWARDS, reward.BOX_REWARDS); --credit sequence is the paper's.
-def token_advantages(cfg, scores, roll, refs, is_digit, weights, group_size):
+# The paper's GRPO gives every token of a completion the same advantage. Here the rewards are
+# decided by different tokens: the answer by a letter, where a box lies by its digits, how many
+# boxes there are by which boxes get written and where the reasoning stops. One advantage for all
+# of them tells a box digit it was good because the letter was right. --credit span and coord
+# (the default) give each reward's advantage to the tokens that decide it (reward.TEXT_REWARDS,
+# reward.BOX_REWARDS); --credit sequence is the paper's.
+def token_advantages(cfg, scores, roll, refs, pieces, is_digit, weights, group_size):
     """The one entry point from main(): [N, T] advantages for --credit span or coord."""
+    ids, lengths = roll["completion_ids"], roll["completion_mask"].sum(1).long().tolist()
     if cfg.credit == "span":
-        return span_advantages(scores, roll["completion_ids"], is_digit, weights, group_size, cfg.adv_norm)
-    return coord_advantages(scores, roll["texts"], refs, roll["completion_ids"], is_digit, weights, group_size,
-                            cfg.adv_norm)
+        return span_advantages(scores, ids, is_digit, weights, group_size, cfg.adv_norm)
+    return coord_advantages(scores, roll["texts"], refs, ids, lengths, pieces, weights, group_size, cfg.adv_norm)
 
 
-def digit_tokens(tokenizer):
-    """[V] bool: the vocabulary entries that are a single digit. Qwen's tokenizer and the tiny
-    one both spell numbers digit by digit, and in a ThinkVG trace every digit is a coordinate."""
-    toks = tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))
-    return torch.tensor([t is not None and len(t) == 1 and t in "0123456789" for t in toks])
+def token_pieces(tokenizer, vocab_size):
+    """The text of every token id the model can output, [V] strings: '' for special tokens and
+    for the ids a real checkpoint's embedding has past the tokenizer (Qwen2.5: 151,936 rows,
+    151,665 tokens). Joined, a completion's pieces are its decoded text, so they place each
+    token at its characters."""
+    pieces = tokenizer.batch_decode([[i] for i in range(min(len(tokenizer), vocab_size))],
+                                    skip_special_tokens=True)
+    return pieces + [""] * (vocab_size - len(pieces))
+
+
+def digit_tokens(pieces):
+    """[V] bool: the token ids that are one digit. Qwen's tokenizer and the tiny one spell
+    numbers digit by digit, and in a ThinkVG trace every digit is a coordinate."""
+    return torch.tensor([len(p) == 1 and p in "0123456789" for p in pieces])
+
+
+def reward_advantages(scores, keys, weights, group_size, norm):
+    """The group-relative advantage [N] of the weighted sum of some reward components."""
+    r = torch.tensor([sum(weights[k] * s[k] for k in keys) for s in scores])
+    return advantages(r, group_size, norm)
 
 
 def span_advantages(scores, ids, is_digit, weights, group_size, norm="group"):
-    """--credit span: each reward is credited to the tokens that decide it. Returns [N, T].
+    """--credit span: the digits get the box rewards' advantage (grounding + IoU), every other
+    token (region names, findings, the answer) the text rewards' (format + answer). [N, T].
+    scores: reward.score dicts [N]; ids [N, T] completion ids; is_digit [V] from digit_tokens."""
+    a_box = reward_advantages(scores, reward.BOX_REWARDS, weights, group_size, norm)     # [N]
+    a_text = reward_advantages(scores, reward.TEXT_REWARDS, weights, group_size, norm)   # [N]
+    digit = is_digit[ids.cpu()]                                                          # [N, T]
+    return torch.where(digit, a_box.unsqueeze(1), a_text.unsqueeze(1)).to(ids.device)   # [N, T]
 
-    A sequence-level advantage tells every token of a completion the same story: a box digit is
-    pushed up because the answer letter was right, the letter because the boxes were tight. With
-    four rewards that mostly disagree, that is noise on every token. Here the box tokens (the
-    digits) get the group-relative advantage of the box rewards (grounding + IoU) alone, and all
-    other tokens (region names, findings, the answer) that of the text rewards (format + answer).
-    scores: reward.score dicts [N]; ids [N, T] completion ids; is_digit [V] from digit_tokens.
+
+def coord_advantages(scores, texts, refs, ids, lengths, pieces, weights, group_size, norm="group"):
+    """--credit coord: each reward to the tokens that decide it. [N, T].
+
+      text  (format, answer)  every token but a box's numbers: the text rewards' advantage
+      where (each coordinate) the digits of a coordinate of a box the reward paired with a
+                              reference box: how much closer to the reference this completion
+                              wrote it than its group wrote the same coordinate of the same box
+      count (how many boxes)  every token of a box the reward could NOT pair (a hallucination),
+                              and </think> when the reasoning stopped at or before the
+                              reference's count (stopping early is how a box goes missing)
+
+    where: a coordinate's "reward" is minus its error as a fraction of the reference box's side,
+    e = |pred - ref| / side, so errors on boxes of any size compare; its advantage is
+    (w_grounding + w_iou)(mean_group(e) - e) / scale, scale per --adv-norm as for the rewards:
+    std_group(e) + 1 px ('group'), the batch std of e + 1 px ('batch'), 1 ('none'). A coordinate
+    that no other completion of the group paired with the same reference box gets 0.
+    count: the box rewards as if every paired box were exact (reward.box_rewards with the
+    paired count as the IoU sum): only the number of boxes, paired or not, moves it, and its
+    group-relative advantage is what a hallucinated or missing box cost against the group.
+    Boxes are paired by the reward's own optimal IoU matching (reward.box_layout), never by the
+    words before them. texts [N] decoded completions, refs [B] reference responses, lengths [N]
+    completion lengths in tokens, pieces [V] from token_pieces.
     """
-    def part(keys):
-        r = torch.tensor([sum(weights[k] * s[k] for k in keys) for s in scores], device=ids.device)
-        return advantages(r, group_size, norm)                          # [N]
-    a_box, a_text = part(reward.BOX_REWARDS), part(reward.TEXT_REWARDS)
-    digit = is_digit.to(ids.device)[ids]                                # [N, T]
-    return torch.where(digit, a_box.unsqueeze(1), a_text.unsqueeze(1))  # [N, T]
-
-
-def coord_advantages(scores, texts, refs, ids, is_digit, weights, group_size, norm="group"):
-    """--credit coord: as span for the text, but each box COORDINATE's digits get its own
-    group-relative advantage: how much closer to the reference this completion wrote it than
-    the group's other completions wrote the same coordinate of the same reference box, in pixels:
-    A = (w_grounding + w_iou) (mean_group(err) - err) / (std_group(err) + 1 px). A box's IoU
-    mixes four coordinates and a completion's IoU several boxes; one number's own error is the
-    least noisy credit a digit can get. Boxes are paired with reference boxes by the reward's own
-    optimal IoU matching (reward.coordinate_errors), never by the words before them; digits of a
-    box that overlaps no reference box get 0. texts [N] decoded completions, refs [B] reference
-    responses. Returns [N, T].
-    """
-    adv = span_advantages(scores, ids, is_digit, weights, group_size, norm)        # [N, T]
-    digit = is_digit.to(ids.device)[ids]                                          # [N, T]
-    adv = adv.masked_fill(digit, 0.0)
-    errs = [reward.coordinate_errors(t, refs[i // group_size]) for i, t in enumerate(texts)]
-    same = {}                                          # (prompt, reference box, coordinate) -> the group's errors
-    for i, e in enumerate(errs):
-        for x in filter(None, e):
-            same.setdefault((i // group_size, x[0], x[1]), []).append(x[2])
-    stats = {k: (torch.tensor(v).mean(), torch.tensor(v).std()) for k, v in same.items() if len(v) > 1}
-    w = sum(weights[k] for k in reward.BOX_REWARDS)                 # the box rewards' weight
-    for i, e in enumerate(errs):
-        d = digit[i].tolist() + [False]
-        starts = [t for t in range(len(d) - 1) if d[t] and (t == 0 or not d[t - 1])]   # each number's digits:
-        ends = [t + 1 for t in range(len(d) - 1) if d[t] and not d[t + 1]]              # tokens starts[k]:ends[k]
-        if len(starts) != len(e):                      # tokens and text disagree: no box credit here
+    G, (N, T) = group_size, ids.shape
+    a_text = reward_advantages(scores, reward.TEXT_REWARDS, weights, G, norm)            # [N]
+    layouts = [reward.box_layout(t, refs[i // G]) for i, t in enumerate(texts)]
+    count = [sum(weights[k] * v for k, v in zip(reward.BOX_REWARDS, reward.box_rewards(
+        sum(b.ref is not None for b in L.boxes), len(L.boxes), len(L.ref)))) for L in layouts]
+    a_count = advantages(torch.tensor(count), G, norm)                                 # [N]
+    adv = a_text.unsqueeze(1).repeat(1, T)                                               # [N, T]
+    where = {}                     # (prompt, reference box, coordinate) -> [(row, tokens, e, side)]
+    for i, L in enumerate(layouts):
+        row = [pieces[t] for t in ids[i, :lengths[i]].tolist()]
+        if "".join(row) != texts[i]:         # tokens and text disagree: no box credit in this row
             continue
-        for t0, t1, x in zip(starts, ends, e):
-            if x and (i // group_size, x[0], x[1]) in stats:
-                mean, std = stats[(i // group_size, x[0], x[1])]
-                adv[i, t0:t1] = w * (mean - x[2]) / (std + 1.0)
-    return adv
+        ends = list(itertools.accumulate(map(len, row)))                         # token t: its characters
+        starts = [e - len(p) for e, p in zip(ends, row)]                         # starts[t]:ends[t]
+        span = lambda s, e: slice(bisect.bisect_right(ends, s), bisect.bisect_left(starts, e))  # noqa: E731
+        for b in L.boxes:
+            for c, (s, e) in enumerate(b.numbers):
+                adv[i, span(s, e)] = 0.0                                         # no text credit
+                if b.ref is not None:
+                    side = max(L.ref[b.ref][2 + c % 2] - L.ref[b.ref][c % 2], 1.0)   # width or height
+                    where.setdefault((i // G, b.ref, c), []).append((i, span(s, e), b.errors[c] / side, side))
+            if b.ref is None:
+                adv[i, span(*b.span)] += a_count[i]
+        if L.think_end and len(L.boxes) <= len(L.ref):
+            adv[i, span(*L.think_end)] += a_count[i]
+    shared = [w for w in where.values() if len(w) > 1]      # coordinates the group can compare
+    e_batch = torch.tensor([e for w in shared for _, _, e, _ in w], dtype=torch.float64)
+    std_batch = float(run.ddp_std(e_batch)) if norm == "batch" else 0.0
+    w_box = sum(weights[k] for k in reward.BOX_REWARDS)
+    for w in shared:
+        e = torch.tensor([x[2] for x in w], dtype=torch.float64)   # float64: a tie is exactly 0
+        for i, tokens, own, side in w:
+            scale = {"group": float(e.std()) + 1 / side, "batch": std_batch + 1 / side}.get(norm, 1.0)
+            adv[i, tokens] = w_box * (float(e.mean()) - own) / scale
+    return adv.to(ids.device)
 
 
 # ----------------------------------------------------------------------------- plumbing
@@ -360,7 +403,9 @@ def main(cfg):
     weights = {k: getattr(cfg, f"w_{k}") for k in reward.REWARDS}
     opt = run.adamw([p for p in policy.parameters() if p.requires_grad], lr=cfg.lr, betas=(0.9, 0.99), weight_decay=cfg.weight_decay)
     B, G = cfg.prompts, cfg.group_size
-    is_digit = digit_tokens(processor.tokenizer) if cfg.credit != "sequence" else None   # [V]
+    vocab = policy.get_output_embeddings().weight.shape[0]         # the model's, not the tokenizer's
+    pieces = token_pieces(processor.tokenizer, vocab) if cfg.credit != "sequence" else None   # [V]
+    is_digit = digit_tokens(pieces) if cfg.credit == "span" else None                        # [V]
     print(f"{cfg.init}: {sum(p.numel() for p in policy.parameters()):,} parameters; {B} prompts x {G} "
           f"completions per step; reward weights {weights}")
     start, order, bad = 0, [], 0
@@ -380,7 +425,7 @@ def main(cfg):
         # ---- 1. rollout: G samples per prompt from the current policy (= pi_old)
         with torch.autocast(device.type, dtype=amp, enabled=amp != torch.float32):
             roll = M.sample(policy, processor, rows["image"], rows["question"], G, cfg.max_new_tokens,
-                            cfg.temperature, cfg.top_p)
+                            cfg.temperature)
         mask = roll["completion_mask"]                                            # [N, T], N = B*G
         lengths = mask.sum(1)                                                     # [N], before any dropping
         if cfg.drop_truncated:
@@ -397,7 +442,7 @@ def main(cfg):
         if cfg.credit == "sequence":    # [N]: one advantage per completion (the paper's GRPO)
             adv = advantages(rewards, G, cfg.adv_norm)
         else:                           # [N, T]: each reward credited to the tokens that decide it (beyond the paper)
-            adv = token_advantages(cfg, scores, roll, rows["response"], is_digit, weights, G)
+            adv = token_advantages(cfg, scores, roll, rows["response"], pieces, is_digit, weights, G)
         t2 = time.time()
 
         # ---- 4. log-probs of the rollout under pi_old (and pi_ref), before any update

@@ -249,6 +249,18 @@ def ddp_mean(value):
     return t.item() / dist.get_world_size()
 
 
+def ddp_std(x):
+    """The unbiased std of a tensor's values pooled over all ranks (x.std() outside DDP): what a
+    batch-level scale must use, or the result would change with the number of GPUs."""
+    if not dist.is_initialized():
+        return x.std() if x.numel() > 1 else x.new_zeros(())
+    device = "cuda" if dist.get_backend() == "nccl" else "cpu"
+    s = torch.tensor([x.numel(), float(x.sum()), float((x.double() ** 2).sum())], dtype=torch.float64, device=device)
+    dist.all_reduce(s)   # count, sum and sum of squares over ranks
+    n, total, squares = s.tolist()
+    return x.new_tensor(max(squares - total * total / n, 0.0) / (n - 1) if n > 1 else 0.0).sqrt()
+
+
 def ddp_check_in_sync(model):
     """Assert every rank holds the same weights (DDP's whole promise) and say so. A weighted sum of
     all parameters is a cheap fingerprint: any rank that drifted would show a different one."""

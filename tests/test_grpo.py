@@ -1,6 +1,8 @@
 """grpo.py: the maths against hand-computed values, micro-batch invariance, and a smoke run."""
+import itertools
 import json
 import math
+import re
 import subprocess
 import sys
 from dataclasses import replace
@@ -37,11 +39,19 @@ def test_a_group_of_equal_rewards_teaches_nothing():
         assert torch.all(a[:3] == 0) and a[3] > 0 > a[4]
 
 
+def _tokens(tok, texts):
+    """Completions as a sampled rollout holds them: right-padded ids [N, T] and lengths [N]."""
+    rows = [tok(x, add_special_tokens=False)["input_ids"] for x in texts]
+    T = max(map(len, rows))
+    return torch.tensor([r + [tok.pad_token_id] * (T - len(r)) for r in rows]), [len(r) for r in rows]
+
+
 def test_span_credit_by_hand():
     # one group of 2: completion 0 has the right answer but a loose box, completion 1 the reverse
     tok = M.build_tiny_tokenizer()
-    is_digit = grpo.digit_tokens(tok)
-    assert is_digit.sum() == 10 and all(is_digit[tok.convert_tokens_to_ids(str(d))] for d in range(10))
+    is_digit = grpo.digit_tokens(grpo.token_pieces(tok, len(tok) + 3))    # + 3 ids past the tokenizer
+    assert is_digit.shape == (len(tok) + 3,) and is_digit.sum() == 10
+    assert all(is_digit[tok.convert_tokens_to_ids(str(d))] for d in range(10))
     ids = torch.tensor([tok("[1, 2] yes")["input_ids"], tok("[3, 4] no")["input_ids"]])   # 8 tokens each
     scores = [{"format": 1, "answer": 1, "grounding": 0, "iou": 0.2},
               {"format": 1, "answer": 0, "grounding": 1, "iou": 0.9}]
@@ -58,43 +68,127 @@ def test_span_credit_by_hand():
     assert torch.allclose(logp.grad, -a / ids.numel())
 
 
-def test_coordinate_credit_by_hand():
-    # one group of 2 against a reference box [60, 70, 95, 95]: completion 0 writes [62, 70, 90, 95]
-    # (errors 2, 0, 5, 0), completion 1 [58, 72, 95, 99] (errors 2, 2, 0, 4) and a box for a
-    # region the reference does not have
+def _coord(texts, ref, scores, w, norm, G=None):
+    """coord_advantages on hand-made completions of one prompt -> (advantages [N, T], ids,
+    a function giving the token positions of a substring of completion i)."""
     tok = M.build_tiny_tokenizer()
-    is_digit = grpo.digit_tokens(tok)
-    ref = "<think>The left lower lung zone [60, 70, 95, 95] is clear.</think><answer>no</answer>"
+    ids, lengths = _tokens(tok, texts)
+    pieces = grpo.token_pieces(tok, len(tok))
+    a = grpo.coord_advantages(scores, texts, [ref], ids, lengths, pieces, w, G or len(texts), norm)
+
+    def at(i, sub, nth=0):                   # token positions covering the nth occurrence of sub
+        s = -1
+        for _ in range(nth + 1):
+            s = texts[i].index(sub, s + 1)
+        ends = list(itertools.accumulate(len(pieces[t]) for t in ids[i, :lengths[i]].tolist()))
+        return [t for t, e in enumerate(ends) if e - len(pieces[ids[i, t]]) < s + len(sub) and e > s]
+    return a, ids, at
+
+
+REF1 = "<think>The left lower lung zone [60, 70, 95, 95] is clear.</think><answer>no</answer>"
+W = {"format": 0.25, "answer": 1.0, "grounding": 1.0, "iou": 0.5}
+
+
+@pytest.mark.parametrize("norm", ["none", "group"])
+def test_coordinate_credit_by_hand(norm):
+    # one group of 2 against a reference box [60, 70, 95, 95] (35 wide, 25 high): completion 0
+    # writes [62, 70, 90, 95] (errors 2, 0, 5, 0), completion 1 [58, 72, 95, 99] (errors 2, 2,
+    # 0, 4) and a box for a region the reference does not have
     texts = ["<think>The left lower lung zone [62, 70, 90, 95] is clear.</think><answer>no</answer>",
              "<think>The left lower lung zone [58, 72, 95, 99] is clear. The cardiac silhouette [1, 2, 3, 4] "
              "is clear.</think><answer>yes</answer>"]
-    rows = [tok(t, add_special_tokens=False)["input_ids"] for t in texts]
-    T = max(map(len, rows))
-    ids = torch.tensor([r + [tok.pad_token_id] * (T - len(r)) for r in rows])
     scores = [{"format": 1, "answer": 1, "grounding": 0, "iou": 0.5}, {"format": 1, "answer": 0, "grounding": 0, "iou": 0.4}]
-    w = {"format": 0.25, "answer": 1.0, "grounding": 1.0, "iou": 0.5}
-    a = grpo.coord_advantages(scores, texts, [ref], ids, is_digit, w, 2, "none")
-    digit = is_digit[ids]
-    # per coordinate: 1.5 * (mean - err) / (std + 1), std unbiased: coordinate 0 ties -> 0;
-    # errors (0, 2) -> +-1.5 / (1 + sqrt 2); (5, 0) -> -+1.5 * 2.5 / (1 + sqrt 12.5); (0, 4) -> +-1.5 * 2 / (1 + sqrt 8)
-    c1, c2, c3 = 1.5 / (1 + 2 ** 0.5), 1.5 * 2.5 / (1 + 12.5 ** 0.5), 1.5 * 2 / (1 + 8 ** 0.5)
-    per_number = torch.tensor([[0, c1, -c2, c3], [0, -c1, c2, -c3]]).repeat_interleave(2, 1)   # 2 digits each
-    assert torch.allclose(a[0][digit[0]], per_number[0], atol=1e-5)
-    assert torch.allclose(a[1][digit[1]][:8], per_number[1], atol=1e-5)
-    assert (a[1][digit[1]][8:] == 0).all()       # the cardiac silhouette's box: no reference box, no credit
-    # every other token: the text rewards' group-relative advantage, 1.25 vs 0.25 -> +-0.5
-    assert (a[0][~digit[0]] == 0.5).all() and (a[1][~digit[1]] == -0.5).all()
-    # text that does not match its tokens (here: one number too few) gets no box credit at all
-    b = grpo.coord_advantages(scores, [texts[0], texts[1][:40]], [ref], ids, is_digit, w, 2, "none")
-    assert (b[1][digit[1]] == 0).all()
+    a, ids, at = _coord(texts, REF1, scores, W, norm)
+    # where: 1.5 (mean(e) - e) / scale with e = error / side. Coordinate 0 ties -> 0.
+    # 'none' (scale 1): e = (0, 2/25) -> +-0.06; (5/35, 0) -> -+1.5 * 2.5/35; (0, 4/25) -> +-0.12
+    # 'group' (scale std(e) + 1 px / side): the pixel formula 1.5 (mean - err) / (std + 1 px):
+    #   (0, 2) -> +-1.5 / (1 + sqrt 2); (5, 0) -> -+1.5 * 2.5 / (1 + sqrt 12.5); (0, 4) -> +-1.5 * 2 / (1 + sqrt 8)
+    c = ([0.06, 1.5 * 2.5 / 35, 0.12] if norm == "none" else
+         [1.5 / (1 + 2 ** 0.5), 1.5 * 2.5 / (1 + 12.5 ** 0.5), 1.5 * 2 / (1 + 8 ** 0.5)])
+    for i, sign in ((0, 1), (1, -1)):
+        for number, want in zip(texts[i][33:47].split(", "), [0, sign * c[0], -sign * c[1], sign * c[2]]):
+            assert torch.allclose(a[i, at(i, number)], torch.tensor(float(want)), atol=1e-5), (i, number)
+    # count: the box rewards as if the paired box were exact. 0: 1 box of 1 -> 1 + 0.5 = 1.5;
+    # 1: 2 boxes, 1 paired -> grounding 0, iou 1/2 -> 0.25. Advantages +-0.625 ('none'), and
+    # +-0.625 / std = +-0.7071 ('group': the std of (1.5, 0.25) is 0.8839)
+    k = 0.625 if norm == "none" else 0.625 / 0.8838835
+    # text (format + answer): 1.25 vs 0.25 -> +-0.5 ('none'), +-0.7071 ('group')
+    t = 0.5 if norm == "none" else 0.5 / 0.7071068
+    box = at(1, "cardiac silhouette [1, 2, 3, 4]")
+    digits = [p for p in box if ids[1, p] in ids.new_tensor(M.build_tiny_tokenizer().convert_tokens_to_ids(list("1234")))]
+    assert len(digits) == 4 and torch.allclose(a[1, digits], torch.tensor(-k), atol=1e-3)            # the hallucination: count
+    words = [p for p in box if p not in digits]
+    assert torch.allclose(a[1, words], torch.tensor(-t - k), atol=1e-3)   # its name and brackets: text + count
+    assert torch.allclose(a[0, at(0, "</think>")], torch.tensor(t + k), atol=1e-3)   # 0 stopped at the right count
+    assert torch.allclose(a[1, at(1, "</think>")], torch.tensor(-t), atol=1e-3)     # 1 stopped late: its box is blamed
+    assert torch.allclose(a[0, at(0, "is clear.")], torch.tensor(t), atol=1e-3)     # every other token: the text's
+    # text that does not match its tokens (here one number too few): no box credit in that row
+    tok = M.build_tiny_tokenizer()
+    b = grpo.coord_advantages(scores, [texts[0], texts[1][:40]], [REF1], ids, _tokens(tok, texts)[1],
+                              grpo.token_pieces(tok, len(tok)), W, 2, norm)
+    assert torch.allclose(b[1], torch.tensor(-t), atol=1e-3)
+
+
+def test_a_hallucinated_box_is_pushed_down_and_the_right_box_alone_is_not():
+    # the right box alone (total 1.0) against the right box plus a hallucinated one (0.6875),
+    # with the default weights and --adv-norm batch: before, every token got advantage 0
+    right = "<think>The left lower lung zone [60, 70, 95, 95] is clear.</think><answer>no</answer>"
+    extra = ("<think>The left lower lung zone [60, 70, 95, 95] is clear. The cardiac silhouette [40, 60, 80, 90] "
+             "is clear.</think><answer>no</answer>")
+    scores = [reward.score(x, REF1, "closed_ended_questions") for x in (right, extra)]
+    assert [s["total"] for s in scores] == [1.0, 0.6875]
+    a, _, at = _coord([right, extra], REF1, scores, reward.DEFAULT_WEIGHTS, "batch")
+    # count rewards 0.5 + 0.25 = 0.75 and 0.125: +-0.3125 / their std 0.4419 = +-0.7071
+    assert torch.allclose(a[1, at(1, "cardiac silhouette [40, 60, 80, 90]")], torch.tensor(-0.7071), atol=1e-3)
+    assert (a[0, at(0, "left lower lung zone [60, 70, 95, 95]")] >= 0).all()
+    assert torch.allclose(a[0, at(0, "</think>")], torch.tensor(0.7071), atol=1e-3)
+
+
+def test_a_missing_box_is_pushed_down_at_the_end_of_the_reasoning():
+    ref = ("<think>The left lower lung zone [60, 70, 95, 95] shows a small round opacity. The cardiac silhouette "
+           "[40, 60, 80, 90] has a normal outline.</think><answer>A</answer>")
+    both = ("<think>The left lower lung zone [60, 70, 95, 95] shows a small round opacity. The cardiac "
+            "silhouette [40, 60, 80, 90] has a normal outline.</think><answer>A</answer>")
+    one = "<think>The left lower lung zone [60, 70, 95, 95] shows a small round opacity.</think><answer>A</answer>"
+    scores = [reward.score(x, ref, "single_choice_questions") for x in (both, one)]
+    a, _, at = _coord([both, one], ref, scores, W, "none")
+    # count: 2 of 2 -> 1 + 0.5 = 1.5; 1 of 2 -> grounding 0, iou 1/2 -> 0.25: +-0.625. Text ties.
+    assert torch.allclose(a[1, at(1, "</think>")], torch.tensor(-0.625))
+    assert torch.allclose(a[0, at(0, "</think>")], torch.tensor(0.625))
+    assert (a[1, at(1, "left lower lung zone [60, 70, 95, 95]")] == 0).all()   # the box it wrote: exact, tied
+
+
+def test_reordered_boxes_are_credited_by_geometry():
+    # two completions write the same two boxes in opposite orders, one of them 3 px off on x1:
+    # the credit follows the boxes, not their place in the text
+    ref = ("<think>The left lower lung zone [60, 70, 95, 95] is clear. The cardiac silhouette [40, 10, 80, 50] "
+           "has a normal outline.</think><answer>no</answer>")
+    first = ("<think>The left lower lung zone [63, 70, 95, 95] is clear. The cardiac silhouette [40, 10, 80, 50] "
+             "has a normal outline.</think><answer>no</answer>")
+    second = ("<think>The cardiac silhouette [40, 10, 80, 50] has a normal outline. The left lower lung zone "
+              "[60, 70, 95, 95] is clear.</think><answer>no</answer>")
+    scores = [reward.score(x, ref, "closed_ended_questions") for x in (first, second)]
+    a, _, at = _coord([first, second], ref, scores, W, "none")
+    # x1 of the lung box: e = 3/35 and 0 -> 1.5 * -+1.5/35 = -+0.0643; every other token ties: 0
+    assert torch.allclose(a[0, at(0, "63")], torch.tensor(-1.5 * 1.5 / 35))
+    assert torch.allclose(a[1, at(1, "60")], torch.tensor(1.5 * 1.5 / 35))
+    a[0, at(0, "63")] = a[1, at(1, "60")] = 0
+    assert (a == 0).all()
+
+
+def test_a_group_that_ties_gets_no_advantage_anywhere():
+    text = ("<think>The left lower lung zone [61, 70, 95, 95] is clear. The cardiac silhouette [1, 2, 3, 4] "
+            "is clear.</think><answer>yes</answer>")
+    scores = [reward.score(text, REF1, "closed_ended_questions")] * 3
+    for norm in ("group", "batch", "none"):
+        a, _, _ = _coord([text] * 3, REF1, scores, W, norm)
+        assert (a == 0).all(), norm
 
 
 @pytest.mark.parametrize("style", ["({region} [{box}])", "{region} ([{box}])"])
 def test_coordinate_credit_is_matched_by_geometry_not_wording(style):
     # the paper's two box styles; the completions name the regions unlike the reference, write
     # them in the other order and after a clause: every coordinate of every box is still credited
-    tok = M.build_tiny_tokenizer()
-    is_digit = grpo.digit_tokens(tok)
     b = lambda *v: ", ".join(map(str, v))  # noqa: E731
     ref = ("The heart is enlarged " + style.format(region="cardiac silhouette", box=b(70, 90, 160, 170)) +
            ", and fluid blunts the angle " + style.format(region="right costophrenic angle", box=b(30, 150, 70, 190)) +
@@ -104,15 +198,16 @@ def test_coordinate_credit_is_matched_by_geometry_not_wording(style):
                 "; the heart looks big " + style.format(region="heart shadow", box=b(*heart)) +
                 ".</think><answer>yes</answer>")
     texts = [completion((72, 88, 158, 171), (33, 149, 68, 194)), completion((69, 93, 165, 166), (28, 152, 73, 185))]
-    assert reward.coordinate_errors(texts[0], ref)[:4] == [(1, 0, 3.0), (1, 1, 1.0), (1, 2, 2.0), (1, 3, 4.0)]
-    rows = [tok(t, add_special_tokens=False)["input_ids"] for t in texts]
-    T = max(map(len, rows))
-    ids = torch.tensor([r + [tok.pad_token_id] * (T - len(r)) for r in rows])
+    layout = reward.box_layout(texts[0], ref)
+    assert [(x.ref, x.errors) for x in layout.boxes] == [(1, [3.0, 1.0, 2.0, 4.0]), (0, [2.0, 2.0, 2.0, 1.0])]
     scores = [reward.score(t, ref, "closed_ended_questions") for t in texts]
-    a = grpo.coord_advantages(scores, texts, [ref], ids, is_digit, reward.DEFAULT_WEIGHTS, 2, "none")
-    digit = is_digit[ids]
-    assert digit.sum() == 40                                  # 8 numbers, 20 digits a row: all read as tokens
-    assert (a[digit] != 0).all()    # every digit of every coordinate (no two errors tie): credited
+    a, ids, at = _coord(texts, ref, scores, reward.DEFAULT_WEIGHTS, "none")
+    numbers = [at(i, f"{v}") for i, t in enumerate(texts) for v in (re.findall(r"\d+", t[t.index("["):]))]
+    assert len(numbers) == 16
+    for i, t in enumerate(texts):                # every digit of every coordinate (no two errors tie)
+        for v in re.findall(r"\[([\d, ]+)\]", t):
+            for n in v.split(", "):
+                assert (a[i, at(i, "[" + v + "]")] != 0).any()
 
 
 # ----------------------------------------------------------------------------- the clipped loss
@@ -225,7 +320,7 @@ def test_micro_batches_cut_prompts_by_group():
 # ----------------------------------------------------------------------------- the script
 def test_bad_flags_are_named(tmp_path):
     for flags, word in (({"group_size": 1}, "--group-size"), ({"lr": -1.0}, "--lr"), ({"eps_low": 1.5}, "--eps-low"),
-                        ({"loss_agg": "sum"}, "--loss-agg"), ({"w_answer": -1.0}, "weights"), ({"top_p": 0.0}, "--top-p"),
+                        ({"loss_agg": "sum"}, "--loss-agg"), ({"w_answer": -1.0}, "weights"), ({"top_p": 0.9}, "off-policy"),
                         ({"types": "yes_no"}, "--types"), ({"credit": "box"}, "--credit")):
         with pytest.raises(SystemExit, match=word):
             grpo.check(replace(CFG, **flags))
@@ -263,10 +358,11 @@ def test_grpo_smoke_then_evaluate(tmp_path):
     model, _ = M.load(str(out))                                   # saved with save_pretrained
     before, _ = M.load(str(init))
     changed = any(not torch.equal(a, b) for a, b in zip(model.parameters(), before.parameters()))
-    # a random-init model usually earns equal rewards in every group: then its gradient is only
-    # the float noise of a KL between two equal models (which AdamW's normalisation still turns into a step)
+    # a random-init model usually earns equal rewards in every group: then step 1's gradient is
+    # only the float noise of a KL between two equal models. AdamW's normalisation still turns
+    # that noise into a step of ~lr per weight, so by step 2 the KL has a real gradient.
     if all(x["zero_std_groups"] == 1 for x in lines):
-        assert max(x["grad_norm"] for x in lines) < 1e-3
+        assert lines[0]["grad_norm"] < 1e-3
     else:
         assert changed
 
