@@ -2,12 +2,19 @@
 
     python evaluate.py --checkpoint runs/sft
     python evaluate.py --checkpoint runs/sft runs/grpo --json results.json
+    python evaluate.py --checkpoint runs/sft_s0 runs/sft_s1 runs/sft_s2 \
+                       --against runs/grpo_s0 runs/grpo_s1 runs/grpo_s2      # over seeds
 
 Greedy decoding on the same held-out samples for every checkpoint, scored by reward.py. One
 table of metrics, then -- with two or more checkpoints -- the paired difference of each metric
 against the first checkpoint with a 95% paired-bootstrap interval: the samples are the same, so
 we resample samples (not checkpoints) and the interval says whether a gain of a few points on a
-thousand questions is more than noise. A PNG gallery shows what the numbers mean.
+thousand questions is more than noise for THAT pair of runs. Whether a training change helps is
+another question: another seed of the same pipeline lands elsewhere, often by more than the
+sample noise. With --against, checkpoint i is paired with against i (the same seed of two
+pipelines): each seed's paired difference, then their mean over seeds with a t interval over the
+per-seed differences (seed_interval), which carries the spread between seeds. A PNG gallery
+shows what the numbers mean.
 
 Metrics (each a mean over samples):
   format_rate     well-formed <think>/<answer> with at least one valid box
@@ -19,6 +26,8 @@ Metrics (each a mean over samples):
                   the regions it grounds and what it says about them decide the question
                   (implied_answer); reasoning that never describes the asked region counts as
                   unsupported. Defined by the synthetic question templates (not for --data gemex).
+  count_rate      as many boxes as the reference (half of the paper's grounding rule)
+  n_boxes         boxes per completion (the reference's mean is printed under the table)
   mean_length     completion length in tokens, end-of-turn token included
 """
 import json
@@ -39,7 +48,9 @@ import model as M
 import reward
 import run
 
-METRICS = ["format_rate", "accuracy", "mean_iou", "iou50_rate", "grounding_rate", "consistency_rate", "mean_length"]
+METRICS = ["format_rate", "accuracy", "mean_iou", "iou50_rate", "grounding_rate", "consistency_rate", "count_rate",
+           "n_boxes", "mean_length"]
+UNBOUNDED = ("n_boxes", "mean_length")   # not rates in [0, 1], and no side of them is better
 
 
 # ----------------------------------------------------------------------------- config
@@ -47,6 +58,7 @@ METRICS = ["format_rate", "accuracy", "mean_iou", "iou50_rate", "grounding_rate"
 @dataclass
 class EvalConfig(data.DataFlags):
     checkpoint: str = "runs/sft"     # one or more checkpoint directories (space separated on the command line)
+    against: str = ""                # as many checkpoints, paired one to one with --checkpoint (one per seed): the mean over seeds
     split: str = "test"              # 'test' or 'validation'
     n: int = 1000                    # samples evaluated, the same for every checkpoint (synthetic: a prefix; gemex: a seeded subset, or all)
     batch_size: int = 100            # prompts per generate call
@@ -109,10 +121,13 @@ def run_checkpoint(path, cfg, device, rows=None):
         if not cfg.max_new_tokens:
             cfg.max_new_tokens = M.completion_budget(processor, rows["response"])
     scores, texts = greedy_scores(model, processor, rows, cfg.batch_size, cfg.max_new_tokens)
-    records = [{"format_rate": s["format"], "accuracy": s["answer"], "mean_iou": s["iou"],
-                "iou50_rate": float(s["iou"] >= 0.5), "grounding_rate": s["grounding"],
-                "consistency_rate": consistency(text, q, qt), "mean_length": s["length"], "question_type": qt}
-               for s, text, q, qt in zip(scores, texts, rows["question"], rows["question_type"])]
+    records = []
+    for s, text, ref, q, qt in zip(scores, texts, rows["response"], rows["question"], rows["question_type"]):
+        n_boxes, n_ref = len(reward.parse(text).boxes), len(reward.parse(ref).boxes)
+        records.append({"format_rate": s["format"], "accuracy": s["answer"], "mean_iou": s["iou"],
+                        "iou50_rate": float(s["iou"] >= 0.5), "grounding_rate": s["grounding"],
+                        "consistency_rate": consistency(text, q, qt), "count_rate": float(n_boxes == n_ref),
+                        "n_boxes": float(n_boxes), "mean_length": s["length"], "question_type": qt})
     return records, texts, rows
 
 
@@ -182,6 +197,32 @@ def paired_bootstrap(a, b, n_boot, seed=0):
     return {"diff": float(diff.mean()), "lo": float(np.percentile(boots, 2.5)), "hi": float(np.percentile(boots, 97.5))}
 
 
+# t(0.975) with 1..30 degrees of freedom: the 95% interval of a mean over a few seeds
+T975 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
+        2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042]
+
+
+def seed_interval(deltas):
+    """The mean of per-seed paired differences with a 95% t interval over the seeds:
+    mean +- t(0.975, n-1) sd / sqrt(n). Each seed's difference already holds its own sample
+    noise on these test samples, so the spread between them is seed-to-seed AND sample noise;
+    a bootstrap over 3-5 seeds would be degenerate (3 seeds have 10 distinct resamples), and one
+    over seeds x samples pooled treats seeds as if they were more samples of one run. This
+    interval answers: would another seed of the same two pipelines differ the same way? It does
+    not cover another test set (every seed is scored on the same samples)."""
+    d = np.asarray(deltas, dtype=float)
+    if len(d) < 2:
+        return {"diff": float(d.mean()), "lo": float("nan"), "hi": float("nan")}
+    half = (T975[len(d) - 2] if len(d) <= 31 else 1.96) * d.std(ddof=1) / np.sqrt(len(d))
+    return {"diff": float(d.mean()), "lo": float(d.mean() - half), "hi": float(d.mean() + half)}
+
+
+def verdict(metric, v):
+    if metric in UNBOUNDED:       # length and box count have no good side
+        return "more" if v["lo"] > 0 else "fewer" if v["hi"] < 0 else "no clear difference"
+    return "better" if v["lo"] > 0 else "worse" if v["hi"] < 0 else "no clear difference"
+
+
 def majority_baseline(rows):
     """Accuracy of always giving the most frequent reference answer of each question type:
     the 'chance level' a trained model must beat."""
@@ -208,16 +249,38 @@ def write_predictions(path, checkpoints, records, texts, rows):
     print(f"wrote {path}: {sum(map(len, records))} predictions")
 
 
-def print_table(summaries, baseline):
+def print_table(summaries, baseline, ref_boxes):
     short = {t: t.split("_")[0] for t in data.QUESTION_TYPES}
     cols = METRICS + [f"acc_{short[t]}" for t in data.QUESTION_TYPES]
-    print(f"{'checkpoint':<28}" + "".join(f"{c:>17}" for c in cols))
+    heads = [c.replace("_rate", "").replace("consistency", "consist.").replace("accuracy", "acc") for c in cols]
+    print(f"{'checkpoint':<28}" + "".join(f"{c:>11}" for c in heads))
     for s in summaries:
         vals = [s[m] for m in METRICS] + [s["accuracy_by_type"][t] for t in data.QUESTION_TYPES]
-        print(f"{s['checkpoint'][-28:]:<28}" + "".join(f"{v:>17.1f}" if c == "mean_length" else f"{v:>17.3f}"
+        print(f"{s['checkpoint'][-28:]:<28}" + "".join(f"{v:>11.3f}" if c not in UNBOUNDED else f"{v:>11.2f}"
                                                         for c, v in zip(cols, vals)))
-    print(f"{'majority-answer baseline':<28}" + " " * 17 * len(METRICS) +
-          "".join(f"{baseline[t]:>17.3f}" for t in data.QUESTION_TYPES))
+    print(f"{'majority-answer baseline':<28}" + " " * 11 * len(METRICS) +
+          "".join(f"{baseline[t]:>11.3f}" for t in data.QUESTION_TYPES))
+    print(f"{'reference':<28}" + " " * 11 * METRICS.index("n_boxes") + f"{ref_boxes:>11.2f}")
+
+
+def paired_metrics(a, b, n_boot):
+    """Every metric's paired difference b - a over the same samples, and accuracy per type."""
+    out = {m: paired_bootstrap([x[m] for x in a], [x[m] for x in b], n_boot) for m in METRICS}
+    for t in data.QUESTION_TYPES:
+        keep = [i for i, x in enumerate(a) if x["question_type"] == t]
+        if keep:
+            out[f"acc_{t.split('_')[0]}"] = paired_bootstrap([a[i]["accuracy"] for i in keep],
+                                                             [b[i]["accuracy"] for i in keep], n_boot)
+    return out
+
+
+def print_seeds(pairs, per_seed, mean):
+    """One row per metric: each seed's paired difference, then the mean over seeds [95% t interval]."""
+    print(f"\nover {len(pairs)} seeds, " + ", ".join(f"{b} minus {a}" for a, b in pairs))
+    print(f"{'':<16}" + "".join(f"{f'seed {i}':>21}" for i in range(len(pairs))) + f"{'mean over seeds':>26}")
+    for m, v in mean.items():
+        cells = "".join(f"{p[m]['diff']:>+9.3f} [{p[m]['lo']:+.2f},{p[m]['hi']:+.2f}]" for p in per_seed)
+        print(f"{m:<16}{cells}   {v['diff']:+.3f} [{v['lo']:+.3f}, {v['hi']:+.3f}]  {verdict(m, v)}")
 
 
 def gallery(path, rows, names, all_texts, k=4, per_row=2):
@@ -276,38 +339,47 @@ def curves(path, checkpoints, smooth=10):
 
 
 # ----------------------------------------------------------------------------- main
-def main(cfg, checkpoints):
+def main(cfg, checkpoints, against=()):
     check(cfg)
+    if against and len(against) != len(checkpoints):
+        raise SystemExit(f"evaluate.py: --against takes one checkpoint per --checkpoint "
+                         f"({len(against)} for {len(checkpoints)})")
     device, _ = run.pick_device(cfg.device)
     print(f"device {device}; {cfg.data} {cfg.split} split, {cfg.n} samples, greedy decoding")
-    rows, records, texts = None, [], []
-    for c in checkpoints:               # the same rows for every checkpoint: paired comparisons
-        r, t, rows = run_checkpoint(c, cfg, device, rows)
-        records.append(r), texts.append(t)
-    summaries = [summarise(c, r) for c, r in zip(checkpoints, records)]
-    print_table(summaries, majority_baseline(rows))
-    paired = []
-    for c, r in zip(checkpoints[1:], records[1:]):
-        diffs = {m: paired_bootstrap([x[m] for x in records[0]], [x[m] for x in r], cfg.bootstrap) for m in METRICS}
-        paired.append({"checkpoint": c, "baseline": checkpoints[0], "metrics": diffs})
-        print(f"\n{c} minus {checkpoints[0]} (95% paired bootstrap interval):")
-        for m, v in diffs.items():
-            up, down = ("longer", "shorter") if m == "mean_length" else ("better", "worse")  # length has no good side
-            verdict = up if v["lo"] > 0 else down if v["hi"] < 0 else "no clear difference"
-            print(f"  {m:<16} {v['diff']:+8.3f}  [{v['lo']:+.3f}, {v['hi']:+.3f}]  {verdict}")
+    names = list(dict.fromkeys([*checkpoints, *against]))   # each evaluated once
+    rows, records, texts = None, {}, {}
+    for c in names:                     # the same rows for every checkpoint: paired comparisons
+        records[c], texts[c], rows = run_checkpoint(c, cfg, device, rows)
+    summaries = [summarise(c, records[c]) for c in names]
+    print_table(summaries, majority_baseline(rows), np.mean([len(reward.parse(r).boxes) for r in rows["response"]]))
+    result = summaries[0] if len(summaries) == 1 else {"checkpoints": summaries}
+    if against:                         # seed i of one pipeline against seed i of the other
+        pairs = list(zip(checkpoints, against))
+        per_seed = [paired_metrics(records[a], records[b], cfg.bootstrap) for a, b in pairs]
+        mean = {m: seed_interval([p[m]["diff"] for p in per_seed]) for m in per_seed[0]}
+        print_seeds(pairs, per_seed, mean)
+        result["seeds"] = {"pairs": pairs, "per_seed": per_seed, "mean": mean}
+    elif len(names) > 1:                # each checkpoint against the first
+        result["paired"] = []
+        for c in names[1:]:
+            diffs = paired_metrics(records[names[0]], records[c], cfg.bootstrap)
+            result["paired"].append({"checkpoint": c, "baseline": names[0], "metrics": diffs})
+            print(f"\n{c} minus {names[0]} (95% paired bootstrap interval):")
+            for m, v in diffs.items():
+                print(f"  {m:<16} {v['diff']:+8.3f}  [{v['lo']:+.3f}, {v['hi']:+.3f}]  {verdict(m, v)}")
     if cfg.predictions:
-        write_predictions(cfg.predictions, checkpoints, records, texts, rows)
+        write_predictions(cfg.predictions, names, [records[c] for c in names], [texts[c] for c in names], rows)
     if cfg.json:
-        result = summaries[0] if len(summaries) == 1 else {"checkpoints": summaries, "paired": paired}
         json.dump(result, open(cfg.json, "w"), indent=2)
         print(f"wrote {cfg.json}")
     if cfg.gallery:
-        gallery(cfg.gallery, rows, checkpoints, texts)
+        gallery(cfg.gallery, rows, names, [texts[c] for c in names])
     if cfg.curves:
-        curves(cfg.curves, checkpoints)
-    return summaries, paired
+        curves(cfg.curves, names)
+    return result
 
 
 if __name__ == "__main__":
-    cfg = run.parse_config(EvalConfig, __doc__, nargs={"checkpoint": "+"})
-    main(cfg, cfg.checkpoint if isinstance(cfg.checkpoint, list) else [cfg.checkpoint])
+    cfg = run.parse_config(EvalConfig, __doc__, nargs={"checkpoint": "+", "against": "+"})
+    listed = lambda v: v if isinstance(v, list) else [v] if v else []  # noqa: E731
+    main(cfg, listed(cfg.checkpoint), listed(cfg.against))

@@ -26,6 +26,19 @@ def test_paired_bootstrap_hand_cases():
     assert 0.11 < r["lo"] < 0.15 and 0.25 < r["hi"] < 0.29
 
 
+def test_seed_interval_by_hand():
+    # the three seeds: GRPO - SFT accuracy +0.053, +0.017, +0.049: mean 0.0397, sd 0.01973,
+    # t(0.975, 2) = 4.303 -> half width 4.303 * 0.01973 / sqrt 3 = 0.0490
+    r = evaluate.seed_interval([0.053, 0.017, 0.049])
+    assert r["diff"] == pytest.approx(0.039667, abs=1e-6)
+    assert r["lo"] == pytest.approx(-0.009, abs=5e-4) and r["hi"] == pytest.approx(0.089, abs=5e-4)
+    assert evaluate.seed_interval([0.02, 0.02, 0.02]) == {"diff": 0.02, "lo": 0.02, "hi": 0.02}   # no spread
+    one = evaluate.seed_interval([0.1])
+    assert one["diff"] == 0.1 and np.isnan(one["lo"])                   # one seed says nothing about seeds
+    five = evaluate.seed_interval([0.0, 0.1, 0.0, 0.1, 0.05])           # sd 0.05, t(0.975, 4) = 2.776
+    assert five["hi"] - five["diff"] == pytest.approx(2.776 * 0.05 / 5 ** 0.5, rel=1e-3)
+
+
 def test_majority_baseline():
     rows = data.load_synthetic("validation", n=200)[:]
     base = evaluate.majority_baseline(rows)
@@ -49,13 +62,13 @@ def test_evaluate_script_two_checkpoints(tmp_path):
     res = json.loads(out.read_text())
     assert [c["checkpoint"] for c in res["checkpoints"]] == [str(tmp_path / "a"), str(tmp_path / "b")]
     keys = {"checkpoint", "n", "format_rate", "accuracy", "accuracy_by_type", "mean_iou", "iou50_rate",
-            "grounding_rate", "consistency_rate", "mean_length"}
+            "grounding_rate", "consistency_rate", "count_rate", "n_boxes", "mean_length"}
     for c in res["checkpoints"]:
         assert set(c) == keys and c["n"] == 8 and set(c["accuracy_by_type"]) == set(data.QUESTION_TYPES)
-        assert all(0 <= c[k] <= 1 for k in keys - {"checkpoint", "n", "accuracy_by_type", "mean_length"})
-        assert 0 < c["mean_length"] <= 8
+        assert all(0 <= c[k] <= 1 for k in keys - {"checkpoint", "n", "accuracy_by_type", "mean_length", "n_boxes"})
+        assert 0 < c["mean_length"] <= 8 and c["n_boxes"] >= 0
     (p,) = res["paired"]
-    assert set(p["metrics"]) == set(evaluate.METRICS)
+    assert set(evaluate.METRICS) <= set(p["metrics"]) and "acc_single" in p["metrics"]
     assert all(v["lo"] <= v["diff"] <= v["hi"] for v in p["metrics"].values())
     assert (tmp_path / "g.png").stat().st_size > 1000
     # one checkpoint: a single flat object; --n 2 (fewer than the gallery's 4) and --predictions
@@ -70,6 +83,29 @@ def test_evaluate_script_two_checkpoints(tmp_path):
                                                  "completion", "format", "answer", "grounding", "iou",
                                                  "consistency", "length"}
     assert lines[1]["image_path"] == "synthetic/validation/000001.png" and 0 < lines[1]["length"] <= 4
+
+
+def test_evaluate_over_seeds(tmp_path):
+    import model as M
+    import run
+    for name, seed in (("a0", 0), ("a1", 1), ("b0", 2), ("b1", 3)):
+        run.save(*M.load("tiny", seed=seed), str(tmp_path / name))
+    out = tmp_path / "r.json"
+    r = subprocess.run([sys.executable, "evaluate.py", "--checkpoint", str(tmp_path / "a0"), str(tmp_path / "a1"),
+                        "--against", str(tmp_path / "b0"), str(tmp_path / "b1"), "--split", "validation", "--n", "6",
+                        "--max-new-tokens", "6", "--bootstrap", "50", "--json", str(out), "--gallery", ""],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "over 2 seeds" in r.stdout and "mean over seeds" in r.stdout
+    seeds = json.loads(out.read_text())["seeds"]
+    assert [list(p) for p in seeds["pairs"]] == [[str(tmp_path / "a0"), str(tmp_path / "b0")],
+                                                [str(tmp_path / "a1"), str(tmp_path / "b1")]]
+    for m, v in seeds["mean"].items():
+        assert v["diff"] == pytest.approx(np.mean([p[m]["diff"] for p in seeds["per_seed"]]))
+    r = subprocess.run([sys.executable, "evaluate.py", "--checkpoint", str(tmp_path / "a0"), "--against",
+                        str(tmp_path / "b0"), str(tmp_path / "b1")], capture_output=True, text=True)
+    assert r.returncode != 0 and "--against takes one checkpoint per --checkpoint" in r.stderr
+    assert "Traceback" not in r.stderr
 
 
 def test_consistency_on_hand_made_cases():
