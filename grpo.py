@@ -199,7 +199,8 @@ def accumulate_gradients(policy, roll, adv, old, ref_logp, cfg, amp=torch.float3
             policy.require_backward_grad_sync = s[0].start == last   # DDP: all-reduce once, after the last one
         with torch.autocast(device.type, dtype=amp, enabled=amp != torch.float32):
             logp, ent = M.completion_logprobs(policy, prompt, roll["completion_ids"][s], mask[s], entropy=True,
-                                              temperature=cfg.temperature, repeats=repeats)   # [n, T] each
+                                              temperature=cfg.temperature, repeats=repeats,
+                                              support=roll["support"])   # [n, T] each
         # with mu = 1, pi_old IS the current policy: rho = 1, yet d rho = rho * d log pi, not 0
         old_s = old[s] if old is not None else logp.detach()
         loss, st = policy_loss(logp, old_s, adv[s] if adv.dim() == 2 else adv[s[0]], mask[s], cfg, norm,
@@ -347,7 +348,8 @@ def logprobs(model, rollout, size, temperature):
     without a graph: [N, T] (0 past each micro-batch's longest completion)."""
     ids, mask, T = rollout["completion_ids"], rollout["completion_mask"], rollout["completion_ids"].shape[1]
     return torch.cat([torch.nn.functional.pad(
-        M.completion_logprobs(model, prompt, ids[s], mask[s], temperature=temperature, repeats=repeats),
+        M.completion_logprobs(model, prompt, ids[s], mask[s], temperature=temperature, repeats=repeats,
+                              support=rollout["support"]),
         (0, T - s[1].stop)) for s, prompt, repeats in micro_batches(rollout, size)])
 
 

@@ -25,6 +25,7 @@ import math
 import os
 
 import torch
+import torch.utils.checkpoint
 from transformers import (AutoConfig, GenerationConfig, PreTrainedTokenizerFast, Qwen2_5_VLConfig,
                           Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor,
                           Qwen2VLForConditionalGeneration)
@@ -256,6 +257,22 @@ def _draw(logits, temperature, top_p):
     return torch.multinomial(logits.softmax(-1), 1).squeeze(1)
 
 
+def text_support(model, tokenizer):
+    """[V] bool over the model's vocabulary: the ids a completion may hold. Out: every id past the
+    tokenizer (a real checkpoint's embedding is padded: Qwen2.5 has 151,936 rows for 151,665
+    tokens; such an id decodes to nothing, and a table sized by the tokenizer would be indexed
+    out of range), and every special token but the end-of-turn ones (a vision placeholder in a
+    completion breaks the forward that scores it: "image features and image tokens do not
+    match"; <|im_start|> or a pad is no text either). The policy is the softmax over this
+    support: sample() draws from it and completion_logprobs(support=...) scores it."""
+    V = model.get_output_embeddings().weight.shape[0]
+    ok = torch.zeros(V, dtype=torch.bool)
+    ok[:min(len(tokenizer), V)] = True
+    special = {i for i, t in tokenizer.added_tokens_decoder.items() if t.special} | set(tokenizer.all_special_ids)
+    ok[[i for i in special - set(end_ids(model)) if i < V]] = False
+    return ok
+
+
 @torch.no_grad()
 def sample(model, processor, images, questions, group_size=1, max_new_tokens=160,
            temperature=1.0, top_p=1.0, greedy=False):
@@ -269,16 +286,15 @@ def sample(model, processor, images, questions, group_size=1, max_new_tokens=160
       completion_mask  [N, T] 1 up to and including the first end-of-turn token
       texts            N decoded completions (think/answer tags kept, end token dropped)
       truncated        [N] bool, True where no end-of-turn token was produced
+      support          [V] bool, the ids it could draw (text_support): score with the same
     The loop reads nothing but the logits: generate() would also apply the checkpoint's
     generation_config (Qwen2.5-VL ships repetition_penalty 1.05, top_k 1, top_p 0.001), and then
     the rollouts would come from another distribution than softmax(logits / T), the one scored.
     """
     device, tok = next(model.parameters()).device, processor.tokenizer
     end = torch.tensor(end_ids(model), device=device)
-    # a completion must never hold a vision placeholder: the forward that scores it would count an
-    # <|image_pad|> there as an image token with no image feature and fail (a random-init model
-    # does sample them). Suppressed, they get probability 0 here and ~0 in a trained model anyway.
-    banned = [i for i in tok.convert_tokens_to_ids(VISION_TOKENS) if i not in (None, tok.unk_token_id)]
+    support = text_support(model, tok)                                                # [V]
+    banned = (~support).to(device)
     prompt = build_prompts(processor, images, questions).to(device)                   # B prompts
     was_training = model.training
     model.eval()      # with gradient checkpointing on, a training-mode forward would drop its KV cache
@@ -291,7 +307,7 @@ def sample(model, processor, images, questions, group_size=1, max_new_tokens=160
     alive = torch.arange(N, device=device)             # the rows still writing, in the cache's order
     T = 0
     for t in range(max_new_tokens):
-        logits[:, banned] = float("-inf")
+        logits = logits.masked_fill(banned, float("-inf"))
         nxt = logits.argmax(-1) if greedy else _draw(logits.float(), temperature, top_p)   # [n]
         ids[alive, t], T = nxt, t + 1
         going = ~torch.isin(nxt, end)
@@ -309,7 +325,7 @@ def sample(model, processor, images, questions, group_size=1, max_new_tokens=160
     mask = completion_mask(ids, end.tolist())                                          # [N, T]
     texts = tok.batch_decode([row[: int(m.sum())] for row, m in zip(ids, mask)], skip_special_tokens=True)
     return {"prompt": prompt, "group_size": G, "completion_ids": ids, "completion_mask": mask, "texts": texts,
-            "truncated": ~torch.isin(ids, end).any(1)}
+            "truncated": ~torch.isin(ids, end).any(1), "support": support}
 
 
 def _per_prompt(repeats, prompt):
@@ -330,7 +346,8 @@ def expand_prompt(prompt, repeats):
     return out
 
 
-def completion_logprobs(model, prompt, completion_ids, completion_mask, entropy=False, temperature=1.0, repeats=1):
+def completion_logprobs(model, prompt, completion_ids, completion_mask, entropy=False, temperature=1.0, repeats=1,
+                        support=None):
     """log pi(y_t | image, prompt, y_<t) for every completion token: [N, T].
 
     `prompt` holds B distinct prompts; prompt b is followed by `repeats[b]` completions (an int:
@@ -345,6 +362,7 @@ def completion_logprobs(model, prompt, completion_ids, completion_mask, entropy=
     `temperature`: the policy is softmax(logits / T). GRPO samples at T = 0.7, so it must score
     at T = 0.7 too, or the ratio, the KL and the gradient belong to another policy than the one
     that wrote the completions (TRL and verl divide the same way). SFT and evaluation use T = 1.
+    `support` [V] bool (sample()'s): the softmax is over those ids only, as in sampling.
     """
     T, repeats = completion_ids.shape[1], _per_prompt(repeats, prompt)
     one_each = bool((repeats == 1).all())              # nothing shared: the prompt is already per row
@@ -366,12 +384,37 @@ def completion_logprobs(model, prompt, completion_ids, completion_mask, entropy=
         rest = model(input_ids=completion_ids, attention_mask=attention, past_key_values=cache,
                      position_ids=pos.unsqueeze(0).expand(3, -1, -1), use_cache=True).logits     # [N, T, V]
         logits = torch.cat([last.repeat_interleave(repeats, 0).unsqueeze(1), rest[:, :-1]], 1)    # [N, T, V]
-    logits = logits.float()
-    if temperature != 1.0:
-        logits = logits / temperature
-    picked = logits.gather(-1, completion_ids.unsqueeze(-1)).squeeze(-1)                    # [N, T]
-    logp = picked - torch.logsumexp(logits, dim=-1)                                          # [N, T]
-    if not entropy:
-        return logp
-    with torch.no_grad():   # row by row: a [T, V] temporary, not two more [N, T, V] float32 copies
-        return logp, torch.stack([-(d.exp() * d).sum(-1) for d in map(lambda x: torch.log_softmax(x, -1), logits)])
+    # The logits stay in the model's dtype; each chunk of positions is made float32, scored and
+    # dropped, and recomputed in backward (checkpoint): with a 152k vocabulary a float32 copy of
+    # all of them is ~1.2 GiB per 8 x 256 tokens, and log_softmax would keep several.
+    hidden = support is not None and (~support).any()
+    off = (~support).to(logits.device) if hidden else None
+    grad = torch.is_grad_enabled() and logits.requires_grad
+    logp, ent = [], []
+    for t0 in range(0, T, LOGP_CHUNK):
+        x, y = logits[:, t0:t0 + LOGP_CHUNK], completion_ids[:, t0:t0 + LOGP_CHUNK]
+        if grad:
+            logp.append(torch.utils.checkpoint.checkpoint(_chunk_logprobs, x, y, temperature, off, use_reentrant=False))
+        else:
+            logp.append(_chunk_logprobs(x, y, temperature, off))
+        if entropy:
+            with torch.no_grad():
+                z = _scaled(x, temperature, off)                                                   # [N, c, V]
+                ent.append(torch.logsumexp(z, -1) - (z.softmax(-1) * z).sum(-1))                   # H = lse - E[z]
+    logp = torch.cat(logp, 1)                                                                      # [N, T]
+    return (logp, torch.cat(ent, 1)) if entropy else logp
+
+
+LOGP_CHUNK = 64   # positions scored at once: the float32 temporaries are [N, 64, V]
+
+
+def _scaled(logits, temperature, off):
+    """Float32 logits / T, with the ids off the support at the lowest float (probability 0)."""
+    z = logits.float() / temperature
+    return z.masked_fill(off, torch.finfo(z.dtype).min) if off is not None else z
+
+
+def _chunk_logprobs(logits, ids, temperature, off):
+    """log softmax(logits / T) at the chosen ids, as the chosen logit minus a logsumexp: [n, c]."""
+    z = _scaled(logits, temperature, off)                                                          # [n, c, V]
+    return z.gather(-1, ids.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(z, -1)

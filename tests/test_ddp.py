@@ -57,7 +57,8 @@ def _update_gradient(rank, world, B, G):
     samples = [data.make_sample("train", i) for i in range(rank * B, (rank + 1) * B)]
     roll = {"prompt": M.build_prompts(processor, [s["image"] for s in samples], [s["question"] for s in samples]),
             "group_size": G, "completion_ids": ids[rows],
-            "completion_mask": (torch.arange(T) < lengths[rows, None]).float()}
+            "completion_mask": (torch.arange(T) < lengths[rows, None]).float(),
+            "support": M.text_support(policy, processor.tokenizer)}
     cfg = replace(grpo.GRPOConfig(), beta=0.0, loss_agg="token", adv_norm="batch", micro_batch=3)
     adv = grpo.advantages(rewards[rows], G, cfg.adv_norm)
     net = torch.nn.parallel.DistributedDataParallel(policy) if world > 1 else policy
