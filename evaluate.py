@@ -50,7 +50,8 @@ import run
 
 METRICS = ["format_rate", "accuracy", "mean_iou", "iou50_rate", "grounding_rate", "consistency_rate", "count_rate",
            "n_boxes", "mean_length"]
-UNBOUNDED = ("n_boxes", "mean_length")   # not rates in [0, 1], and no side of them is better
+UNBOUNDED = ("n_boxes", "mean_length")
+SPLITS = ("test", "validation", "train")   # not rates in [0, 1], and no side of them is better
 
 
 # ----------------------------------------------------------------------------- config
@@ -59,7 +60,7 @@ UNBOUNDED = ("n_boxes", "mean_length")   # not rates in [0, 1], and no side of t
 class EvalConfig(data.DataFlags):
     checkpoint: str = "runs/sft"     # one or more checkpoint directories (space separated on the command line)
     against: str = ""                # as many checkpoints, paired one to one with --checkpoint (one per seed): the mean over seeds
-    split: str = "test"              # 'test' or 'validation'
+    split: str = "test"              # 'test', 'validation' or 'train' (a small file may hold no test image)
     n: int = 1000                    # samples evaluated, the same for every checkpoint (synthetic: a prefix; gemex: a seeded subset, or all)
     batch_size: int = 100            # prompts per generate call
     max_new_tokens: int = 0          # generation budget per answer (0: sized from the data, 1.25x the references' 99th percentile, >= 160)
@@ -74,8 +75,9 @@ class EvalConfig(data.DataFlags):
 
 def check(cfg):
     """Flag values that cannot work, named, before anything is loaded."""
-    size = {"test": data.DataConfig.n_test, "validation": data.DataConfig.n_val}.get(cfg.split, 0)
-    for ok, msg in ((cfg.split in ("test", "validation"), "--split must be test or validation"),
+    size = {"test": data.DataConfig.n_test, "validation": data.DataConfig.n_val, "train": data.DataConfig.n_train}
+    size = size.get(cfg.split, 0)
+    for ok, msg in ((cfg.split in SPLITS, f"--split must be one of {', '.join(SPLITS)}"),
                     *data.DataFlags.problems(cfg),
                     (cfg.n >= 1 and (cfg.data != "synthetic" or cfg.n <= size), f"--n must be in 1..{size}"),
                     (cfg.batch_size >= 1 and cfg.max_new_tokens >= 0 and cfg.bootstrap >= 1,
@@ -103,10 +105,11 @@ def greedy_scores(model, processor, rows, batch_size=100, max_new_tokens=160):
     return scores, texts
 
 
-def greedy_means(model, processor, rows):
+def greedy_means(model, processor, rows, max_new_tokens):
     """The periodic validation of sft.py and grpo.py: greedy answers on a few rows, scored as
-    above -> the mean of each reward component (all in [0, 1]) and one example completion."""
-    scores, texts = greedy_scores(model, processor, rows)
+    above -> the mean of each reward component (all in [0, 1]) and one example completion.
+    max_new_tokens: sized from the data (model.completion_budget), or real traces are cut off."""
+    scores, texts = greedy_scores(model, processor, rows, max_new_tokens=max_new_tokens)
     return {k: sum(s[k] for s in scores) / len(scores) for k in reward.REWARDS}, texts[0]
 
 
@@ -118,6 +121,9 @@ def run_checkpoint(path, cfg, device, rows=None):
     if rows is None:
         frame = M.image_frame(processor, data.GEMEX_FRAME)
         rows = data.load(cfg.split, cfg.n, cfg, frame)[:]  # dict of lists
+        if not rows["question"]:
+            others = " or ".join(f"--split {s}" for s in SPLITS if s != cfg.split)
+            raise SystemExit(f"evaluate.py: the {cfg.split} split of {cfg.data_path} is empty; evaluate {others}")
         if not cfg.max_new_tokens:
             cfg.max_new_tokens = M.completion_budget(processor, rows["response"])
     scores, texts = greedy_scores(model, processor, rows, cfg.batch_size, cfg.max_new_tokens)

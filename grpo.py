@@ -376,13 +376,18 @@ def main(cfg):
     # full fine-tuning from the checkpoint's weights
     policy, processor = M.load(cfg.init if cfg.lora_r else ckpt or cfg.init, device, run.weights_dtype(cfg.dtype))
     run.apply_memory_plan(policy, processor, cfg)
+    run.warn_tiny_lr("grpo.py", cfg.lr, GRPOConfig.lr, policy)
     if state and cfg.lora_r:
         run.load_adapters(policy, state["adapters"])
     policy.train()
     net = torch.nn.parallel.DistributedDataParallel(policy) if world > 1 else policy   # the update goes through net
     ref = None
     if cfg.beta > 0 and not cfg.lora_r:   # the reference is the frozen init; at beta = 0 it is never loaded
-        ref, _ = M.load(cfg.init, device, dtype=amp)               # in bf16 on CUDA: no second fp32 copy
+        # in the policy's dtype and through the same path of completion_logprobs, so that
+        # kl_ref is exactly 0 before the first update (a bf16 reference of a float32 policy was not)
+        ref, _ = M.load(cfg.init, device, run.weights_dtype(cfg.dtype))
+        if cfg.grad_checkpointing:
+            ref.activation_checkpointing_enable({"use_reentrant": False})
         ref.eval().requires_grad_(False)
 
     def reference(roll):   # log pi_ref [N, T]; under LoRA the frozen init IS the policy with its adapters off
@@ -400,6 +405,8 @@ def main(cfg):
         raise SystemExit(f"grpo.py: {len(train)} training prompts" + (f" of --types {cfg.types}" if cfg.types else "")
                          + f", fewer than --prompts {cfg.prompts}")
     val = data.load("validation", cfg.eval_n, cfg, frame)[:]
+    if not val["question"]:
+        print("grpo.py: no validation rows: in-training validation skipped (evaluate.py --split picks another)")
     if not cfg.max_new_tokens:
         cfg.max_new_tokens = M.completion_budget(processor, train["response"])
     weights = {k: getattr(cfg, f"w_{k}") for k in reward.REWARDS}
@@ -485,8 +492,9 @@ def main(cfg):
                         iou=f"{rec['reward_iou']:.2f}", len=f"{rec['length_mean']:.0f}")
         if master and cfg.show_every and (step + 1) % cfg.show_every == 0:
             show(roll["texts"], rewards.tolist(), rows, G)
-        if master and ((cfg.eval_every and (step + 1) % cfg.eval_every == 0) or step + 1 == cfg.max_steps):
-            means, example = evaluate.greedy_means(policy, processor, val)
+        if master and val["question"] and (
+                (cfg.eval_every and (step + 1) % cfg.eval_every == 0) or step + 1 == cfg.max_steps):
+            means, example = evaluate.greedy_means(policy, processor, val, cfg.max_new_tokens)
             rec.update({f"val_{k}": v for k, v in means.items()})
             tqdm.write(f"step {step + 1}: reward {rec['reward']:.3f} | val " +
                        " ".join(f"{k} {v:.2f}" for k, v in means.items()))

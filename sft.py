@@ -324,6 +324,7 @@ def main(cfg):
     # full fine-tuning from the checkpoint's weights
     model, processor = M.load(cfg.model if cfg.lora_r else ckpt or cfg.model, device, run.weights_dtype(cfg.dtype), seed=cfg.seed)
     run.apply_memory_plan(model, processor, cfg)
+    run.warn_tiny_lr("sft.py", cfg.lr, SFTConfig.lr, model)
     if state and cfg.lora_r:
         run.load_adapters(model, state["adapters"])
     model.train()
@@ -339,6 +340,9 @@ def main(cfg):
     end_id = M.end_ids(model)[0]
     train = data.load("train", cfg.train_size or (COLD_START_TRACES if cfg.data == "synthetic" else None), cfg, frame)
     val = data.load("validation", cfg.eval_n, cfg, frame)[:]
+    if not val["question"]:
+        print("sft.py: no validation rows: in-training validation skipped (evaluate.py --split picks another)")
+    budget = M.completion_budget(processor, train["response"])       # validation decodes whole traces
     if len(train) < cfg.batch_size * cfg.grad_accum:   # a small real file
         raise SystemExit(f"sft.py: {len(train)} training rows, fewer than --batch-size x --grad-accum "
                          f"({cfg.batch_size} x {cfg.grad_accum})")
@@ -382,8 +386,8 @@ def main(cfg):
         rec = {"step": step + 1, "loss": loss, "lr": lr, "grad_norm": grad_norm.item(),
                "skipped": int(not finite), "elapsed_s": round(time.time() - t0, 1)}
         last = step + 1 == cfg.max_steps
-        if master and ((cfg.eval_every and (step + 1) % cfg.eval_every == 0) or last):
-            means, example = evaluate.greedy_means(model, processor, val)
+        if master and val["question"] and ((cfg.eval_every and (step + 1) % cfg.eval_every == 0) or last):
+            means, example = evaluate.greedy_means(model, processor, val, budget)
             rec.update({f"val_{k}": v for k, v in means.items()})
             tqdm.write(f"step {step + 1}: loss {loss:.3f} | val " +
                        " ".join(f"{k} {v:.2f}" for k, v in means.items()) + f"\n  e.g. {example[:160]}")

@@ -94,7 +94,7 @@ def test_convert_response_moves_boxes_into_the_frame_and_normalises_answers():
     assert conv(RESPONSES[1][2], "open_ended_questions") == (
         "<think>The right upper lung zone [5, 10, 50, 45] is clear.</think><answer>none</answer>")
     assert conv(RESPONSES[3][2], "multi_choice_questions").endswith("[100, 100, 112, 112] is clear.</think><answer>A, C</answer>")
-    for style in ("A, C", "A,C", "AC", "A and C", "(A) (C)", "A. nodule, C. mass", "a; c"):
+    for style in ("A, C", "A,C", "A and C", "(A) (C)", "A. nodule, C. mass", "a; c", "['A', 'C']"):
         assert conv(f"<think>x [0, 0, 10, 10]</think><answer>{style}</answer>", "multi_choice_questions").endswith(
             "<answer>A, C</answer>"), style
     assert conv("<answer>Option B</answer>", "single_choice_questions") == "<think></think><answer>B</answer>"

@@ -366,14 +366,18 @@ def _lora_trained(batch, steps=3):
     return model, processor, base, (prompt, ids, mask)
 
 
-def test_lora_trains_the_adapters_and_not_the_base(batch):
+def test_lora_trains_the_adapters_and_not_the_base(batch, tmp_path):
+    from safetensors.torch import load_file
     model, _, base, _ = _lora_trained(batch)
     trained = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trained and all("lora_" in n for n in trained)
     assert not any(".visual." in n for n in trained)                      # the vision tower is frozen unless asked
     assert all(p.dtype == torch.float32 for n, p in model.named_parameters() if n in trained)
     assert any(p.abs().sum() > 0 for n, p in model.named_parameters() if "lora_B" in n)   # B starts at 0 and moved
-    for name, t in run.merged_state_dict(model).items():                   # merged weights differ only where adapted
+    run.save_merged(model, str(tmp_path))
+    merged = load_file(str(tmp_path / "model.safetensors"))
+    assert set(merged) == set(base) - {"lm_head.weight"}                  # tied to the embedding: not written
+    for name, t in merged.items():                                        # merged weights differ only where adapted
         adapted = any(name == f"{n}.weight" for n, _ in run.lora_layers(model))
         assert torch.equal(t, base[name]) != adapted, name
     for name, p in model.named_parameters():                             # the frozen base never moved
