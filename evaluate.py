@@ -107,10 +107,11 @@ def greedy_scores(model, processor, rows, batch_size=100, max_new_tokens=160):
 
 def greedy_means(model, processor, rows, max_new_tokens):
     """The periodic validation of sft.py and grpo.py: greedy answers on a few rows, scored as
-    above -> the mean of each reward component (all in [0, 1]) and one example completion.
+    above -> the mean of each reward component (all in [0, 1]) and of the length in tokens, and
+    one example completion.
     max_new_tokens: sized from the data (model.completion_budget), or real traces are cut off."""
     scores, texts = greedy_scores(model, processor, rows, max_new_tokens=max_new_tokens)
-    return {k: sum(s[k] for s in scores) / len(scores) for k in reward.REWARDS}, texts[0]
+    return {k: sum(s[k] for s in scores) / len(scores) for k in (*reward.REWARDS, "length")}, texts[0]
 
 
 def run_checkpoint(path, cfg, device, rows=None):

@@ -90,8 +90,7 @@ def build_tiny_tokenizer(vocab_size=1024, n_texts=800):
 
 def token_ids(tokenizer):
     """The special-token ids a Qwen2.5-VL config needs, read from `tokenizer`: (ids for the text
-    config and the GenerationConfig, ids for the top-level config). Shared by build_tiny and
-    tests/random_3b.py, so every checkpoint this project writes is wired the same way."""
+    config and the GenerationConfig, ids for the top-level config)."""
     ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL}
     text = dict(bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"])
     vision = dict(image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],

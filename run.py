@@ -39,11 +39,12 @@ def pick_device(name="auto"):
 
 def warn_tiny_lr(script, lr, default, model):
     """One line when a real checkpoint is about to train at the tiny model's default --lr (a 3B at
-    SFT's 2e-3 diverges; pretrained models fine-tune at ~1e-5 in full, ~1e-4 with LoRA)."""
-    n = sum(p.numel() for p in model.parameters())
-    if lr == default and n > 50e6:
-        print(f"{script}: warning: --lr {lr:g} is the tiny model's default; this model has {n / 1e9:.1f}B "
-              f"parameters, which fine-tune at ~1e-5 (full) or ~1e-4 (LoRA): pass --lr")
+    SFT's 2e-3 diverges; pretrained models fine-tune at ~1e-5 in full, ~1e-4 with LoRA). A real
+    checkpoint: Qwen's 152k vocabulary (the tiny model's is ~560 tokens), or over 50M parameters."""
+    n, vocab = sum(p.numel() for p in model.parameters()), model.get_output_embeddings().weight.shape[0]
+    if lr == default and (vocab > 100_000 or n > 50e6):
+        print(f"{script}: warning: --lr {lr:g} is the tiny model's default; a pretrained checkpoint "
+              f"({n / 1e6:,.0f}M parameters, {vocab:,} tokens) fine-tunes at ~1e-5 (full) or ~1e-4 (LoRA): pass --lr")
 
 
 def peak_memory(device):
@@ -129,6 +130,7 @@ def save_merged(model, out, shard_bytes=2 * 2**30):
     A bf16 weight is rounded stochastically from the float32 sum: rounding to nearest drops most
     of a small fine-tuning update (measured: ~29% of a GRPO update at lr 1e-5 is lost)."""
     from safetensors.torch import save_file
+    os.makedirs(out, exist_ok=True)
     layers = dict(lora_layers(model))
     tied = set(getattr(model, "_tied_weights_keys", None) or ()) if model.config.tie_word_embeddings else set()
     names = [n for n in model.state_dict() if "lora_" not in n and n not in tied]   # references, no copies

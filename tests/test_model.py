@@ -245,19 +245,6 @@ def test_qwen2_vl_checkpoints_load_too(tiny, batch, tmp_path):
     assert lp.shape == out["completion_ids"].shape and torch.isfinite(lp).all()
 
 
-def test_the_3b_architecture_at_toy_widths_loads_at_the_224_frame(tmp_path):
-    """tests/random_3b.py (the checkpoint the README's GPU memory table was measured on) writes
-    Qwen2.5-VL-3B's wiring (window attention, vocabulary 151,936 at full size); here at toy widths:
-    it loads through load(), sees 224-px images as 64 image tokens, and samples."""
-    import random_3b
-    random_3b.build(str(tmp_path), small=True)
-    model, proc = M.load(str(tmp_path))
-    assert M.image_frame(proc, data.GEMEX_FRAME) == 224 and model.config.vision_config.window_size == 112
-    s = data.make_sample("test", 0, frame=224)
-    out = M.sample(model, proc, [s["image"]], [s["question"]], group_size=2, max_new_tokens=3)
-    assert int((out["prompt"]["input_ids"] == proc.image_token_id).sum()) == 64   # a group of 2 shares one prompt
-
-
 def test_bad_checkpoint_names_the_path(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
     with pytest.raises(SystemExit, match="gpt2"):
