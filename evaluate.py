@@ -226,7 +226,8 @@ def seed_interval(deltas):
 
 def verdict(metric, v):
     if metric in UNBOUNDED:       # length and box count have no good side
-        return "more" if v["lo"] > 0 else "fewer" if v["hi"] < 0 else "no clear difference"
+        up, down = ("longer", "shorter") if metric == "mean_length" else ("more", "fewer")
+        return up if v["lo"] > 0 else down if v["hi"] < 0 else "no clear difference"
     return "better" if v["lo"] > 0 else "worse" if v["hi"] < 0 else "no clear difference"
 
 
@@ -259,7 +260,8 @@ def write_predictions(path, checkpoints, records, texts, rows):
 def print_table(summaries, baseline, ref_boxes):
     short = {t: t.split("_")[0] for t in data.QUESTION_TYPES}
     cols = METRICS + [f"acc_{short[t]}" for t in data.QUESTION_TYPES]
-    heads = [c.replace("_rate", "").replace("consistency", "consist.").replace("accuracy", "acc") for c in cols]
+    heads = [c.replace("_rate", "").replace("mean_", "").replace("consistency", "consist.").replace("accuracy", "acc")
+             for c in cols]
     print(f"{'checkpoint':<28}" + "".join(f"{c:>11}" for c in heads))
     for s in summaries:
         vals = [s[m] for m in METRICS] + [s["accuracy_by_type"][t] for t in data.QUESTION_TYPES]
