@@ -46,6 +46,7 @@ from PIL import Image, ImageDraw
 import data
 import model as M
 import reward
+import rollouts
 import run
 
 METRICS = ["format_rate", "accuracy", "mean_iou", "iou50_rate", "grounding_rate", "consistency_rate", "count_rate",
@@ -70,7 +71,7 @@ class EvalConfig(data.DataFlags):
     bootstrap: int = 2000            # paired-bootstrap resamples for the confidence intervals
     device: str = "auto"             # 'auto' (CUDA if available), 'cpu' or 'cuda'
     dtype: str = "auto"              # weights: 'auto' (bfloat16 on a GPU with native bf16, else float32), float32 or bfloat16
-    predictions: str = ""            # also write one JSON line per sample and checkpoint to this file (for a judge run afterwards)
+    predictions: str = ""            # also write one JSON line per sample and checkpoint (for a judge), and a page of the last's best and worst
 
 
 def check(cfg):
@@ -378,6 +379,8 @@ def main(cfg, checkpoints, against=()):
                 print(f"  {m:<16} {v['diff']:+8.3f}  [{v['lo']:+.3f}, {v['hi']:+.3f}]  {verdict(m, v)}")
     if cfg.predictions:
         write_predictions(cfg.predictions, names, [records[c] for c in names], [texts[c] for c in names], rows)
+        rollouts.write_best_and_worst(os.path.splitext(cfg.predictions)[0] + ".html", rows, texts[names[-1]],
+                                      names[-1])
     if cfg.json:
         json.dump(result, open(cfg.json, "w"), indent=2)
         print(f"wrote {cfg.json}")

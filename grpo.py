@@ -47,6 +47,7 @@ import data
 import evaluate
 import model as M
 import reward
+import rollouts
 import run
 
 # ----------------------------------------------------------------------------- config
@@ -83,7 +84,7 @@ class GRPOConfig(run.MemoryFlags, data.DataFlags):
     types: str = ""                # practise only these question types, comma-separated ('' = all four)
     eval_every: int = 50           # greedy validation every this many steps (0: only at the end)
     eval_n: int = 64               # validation samples per evaluation
-    show_every: int = 50           # print a few sampled completions every this many steps
+    show_every: int = 50           # write a page of the rollout (rollouts.py) every this many steps (0: never)
     seed: int = 0                  # seed for prompt order and sampling
     device: str = "auto"           # 'auto' (CUDA if available), 'cpu' or 'cuda'
     save_every: int = 50           # write a resumable checkpoint to OUT/checkpoints every this many steps (0: never)
@@ -117,8 +118,8 @@ def check(cfg):
            *data.DataFlags.problems(cfg), *run.MemoryFlags.problems(cfg),
            (cfg.eval_every >= 0 and 1 <= cfg.eval_n and (cfg.data != "synthetic" or cfg.eval_n <= data.DataConfig.n_val),
             f"--eval-every must be >= 0 and --eval-n in 1..{data.DataConfig.n_val}"),
-           (cfg.save_every >= 0 and cfg.keep >= 1 and cfg.max_bad_steps >= 1,
-            "--save-every must be >= 0, --keep and --max-bad-steps >= 1")]
+           (cfg.save_every >= 0 and cfg.show_every >= 0 and cfg.keep >= 1 and cfg.max_bad_steps >= 1,
+            "--save-every and --show-every must be >= 0, --keep and --max-bad-steps >= 1")]
     for ok, msg in bad:
         if not ok:
             raise SystemExit(f"grpo.py: {msg}")
@@ -353,13 +354,6 @@ def logprobs(model, rollout, size, temperature):
         (0, T - s[1].stop)) for s, prompt, repeats in micro_batches(rollout, size)])
 
 
-def show(texts, rewards, rows, G, k=2):
-    for i in range(k):
-        tqdm.write(f"  Q: {rows['question'][i]}\n  ref: {rows['response'][i]}")
-        for j in range(min(2, G)):
-            tqdm.write(f"  [{rewards[i * G + j]:.2f}] {texts[i * G + j][:220]}")
-
-
 # ----------------------------------------------------------------------------- main
 def main(cfg):
     check(cfg)
@@ -413,7 +407,7 @@ def main(cfg):
     opt = run.adamw([p for p in policy.parameters() if p.requires_grad], lr=cfg.lr, betas=(0.9, 0.99), weight_decay=cfg.weight_decay)
     B, G = cfg.prompts, cfg.group_size
     vocab = policy.get_output_embeddings().weight.shape[0]         # the model's, not the tokenizer's
-    pieces = token_pieces(processor.tokenizer, vocab) if cfg.credit != "sequence" else None   # [V]
+    pieces = token_pieces(processor.tokenizer, vocab)                                         # [V]
     is_digit = digit_tokens(pieces) if cfg.credit == "span" else None                        # [V]
     print(f"{cfg.init}: {sum(p.numel() for p in policy.parameters()):,} parameters; {B} prompts x {G} "
           f"completions per step; reward weights {weights}")
@@ -490,8 +484,10 @@ def main(cfg):
                **split, "elapsed_s": round(time.time() - t_start, 1)}
         bar.set_postfix(reward=f"{rec['reward']:.3f}", answer=f"{rec['reward_answer']:.2f}",
                         iou=f"{rec['reward_iou']:.2f}", len=f"{rec['length_mean']:.0f}")
-        if master and cfg.show_every and (step + 1) % cfg.show_every == 0:
-            show(roll["texts"], rewards.tolist(), rows, G)
+        if master and cfg.show_every and (step + 1) % cfg.show_every == 0:   # what GRPO sees: rollouts.py
+            page = rollouts.write_step(os.path.join(cfg.out, "rollouts"), step + 1, rollouts.step_record(
+                step + 1, cfg.credit, roll, rows, scores, adv, lengths, pieces), cfg.show_every)
+            tqdm.write(f"step {step + 1}: {page}")
         if master and val["question"] and (
                 (cfg.eval_every and (step + 1) % cfg.eval_every == 0) or step + 1 == cfg.max_steps):
             means, example = evaluate.greedy_means(policy, processor, val, cfg.max_new_tokens)

@@ -83,6 +83,8 @@ def test_evaluate_script_two_checkpoints(tmp_path):
                                                  "completion", "format", "answer", "grounding", "iou",
                                                  "consistency", "length"}
     assert lines[1]["image_path"] == "synthetic/validation/000001.png" and 0 < lines[1]["length"] <= 4
+    page = (tmp_path / "p.html").read_text()                       # the best and worst answers, drawn
+    assert page.count('<div class="c"') == 2 and "best and worst" in page
 
 
 def test_evaluate_over_seeds(tmp_path):
