@@ -40,7 +40,7 @@ GEMEX_HUB_ID = "BoKelvin/GEMeX-ThinkVG"  # the real data, read by gemex.py
 QUESTION_TYPES = ["open_ended_questions", "closed_ended_questions",
                   "single_choice_questions", "multi_choice_questions"]
 SPLITS = {"train": 0, "validation": 1, "test": 2}  # the split id goes into the seed: no shared images
-STREAMS = {**SPLITS, "reading": 4}                 # + sft.py's text-only reading warm-up (3: the tower's)
+STREAMS = {**SPLITS, "pretrain": 3}               # + pretrain.py's films and texts: never a split's
 
 # Chest ImaGenome-style anatomical regions. "right"/"left" are the patient's.
 REGIONS = ["right upper lung zone", "right mid lung zone", "right lower lung zone",
@@ -210,12 +210,12 @@ def sample_findings(rng, min_n=0):
 
 def describe(region, box, at):
     """One reasoning sentence that names a region with its box: the unit of a ThinkVG trace.
-    `at` maps each abnormal region to its finding."""
-    kind = at.get(region)
+    `at` maps each abnormal region to its finding. box=None: the same sentence without a box."""
+    kind, named = at.get(region), region if box is None else f"{region} {format_box(box)}"
     if kind:
-        return f"The {region} {format_box(box)} shows {FINDINGS[kind][1]}."
+        return f"The {named} shows {FINDINGS[kind][1]}."
     clear = "has a normal outline" if region == "cardiac silhouette" else "is clear"
-    return f"The {region} {format_box(box)} {clear}."
+    return f"The {named} {clear}."
 
 
 def _options(rng, truth, pool):
@@ -233,6 +233,17 @@ def _lettered(opts):
 def make_sample(split, index, seed=0, frame=112):
     """Sample `index` of `split`: its own image, one question, a ThinkVG response. Pure in its args."""
     rng = np.random.default_rng([seed, STREAMS[split], index])
+    qtype, variant, findings = _header(rng, index)
+    pixels, boxes = draw_radiograph(rng, frame, findings)
+    at = dict((r, k) for k, r in findings)
+    q, think, answer = ask(rng, qtype, variant, findings, lambda r: describe(r, boxes[r], at))
+    response = f"<think>{' '.join(think)}</think><answer>{answer}</answer>"
+    return {"image_path": f"synthetic/{split}/{index:06d}.png", "image": Image.fromarray(pixels),
+            "question": q, "question_type": qtype, "response": response}
+
+
+def _header(rng, index):
+    """(question type, which of its two templates, the film's findings) of sample `index`."""
     qtype = QUESTION_TYPES[index % 4]  # exact balance of the four GEMeX question types
     variant = rng.random() < 0.5       # which of the two templates of this type
     needs_finding = qtype in ("open_ended_questions", "multi_choice_questions") or (
@@ -240,10 +251,13 @@ def make_sample(split, index, seed=0, frame=112):
     findings = sample_findings(rng, min_n=int(needs_finding))
     if variant and qtype in ("open_ended_questions", "single_choice_questions"):  # "where is the X?"
         findings = [f for f in findings if f[0] != "cardiomegaly"] or [("nodule", LUNG_ZONES[rng.integers(6)])]
-    pixels, boxes = draw_radiograph(rng, frame, findings)
-    at = dict((r, k) for k, r in findings)
-    say = lambda r: describe(r, boxes[r], at)  # noqa: E731
+    return qtype, variant, findings
 
+
+def ask(rng, qtype, variant, findings, say):
+    """A question about a film with these findings, the reasoning sentences that decide it (each
+    from say(region)) and the answer: (question, [sentences], answer)."""
+    at = dict((r, k) for k, r in findings)
     if qtype == "closed_ended_questions":
         if variant:                                   # a "yes": ask about a finding that is there
             kind, region = findings[rng.integers(len(findings))]
@@ -288,27 +302,7 @@ def make_sample(split, index, seed=0, frame=112):
         q = f"Which of these regions {'are abnormal' if ask_abnormal else 'appear normal'}? {_lettered(opts)}"
         think = [say(r) for r in opts]
         answer = ", ".join(l for l, r in zip("ABCD", opts) if (r in at) == ask_abnormal)
-    response = f"<think>{' '.join(think)}</think><answer>{answer}</answer>"
-    return {"image_path": f"synthetic/{split}/{index:06d}.png", "image": Image.fromarray(pixels),
-            "question": q, "question_type": qtype, "response": response}
-
-
-def tower_samples(n, seed=0, frame=112):
-    """n fresh (image, {region: box}, {abnormal region: finding}) triples for the vision warm-up of
-    sft.py. Their own seed stream: no train, validation or test image is among them."""
-    for i in range(n):
-        rng = np.random.default_rng([seed, 3, i])
-        findings = sample_findings(rng)
-        pixels, boxes = draw_radiograph(rng, frame, findings)
-        yield Image.fromarray(pixels), boxes, {r: k for k, r in findings}
-
-
-def reading_samples(n, seed=0, frame=112):
-    """n fresh (question, response) pairs for sft.py's reading warm-up, TEXT only: a stream of
-    their own (split id 4), so no train, validation or test question is among them."""
-    for i in range(n):
-        s = make_sample("reading", i, seed, frame)
-        yield s["question"], s["response"]
+    return q, think, answer
 
 
 # ----------------------------------------------------------------------------- datasets container

@@ -1,14 +1,14 @@
-"""model.py -- one loader for the tiny offline Qwen2.5-VL and for real Qwen2(.5)-VL checkpoints,
+"""model.py -- one loader for Qwen2(.5)-VL checkpoints (the shipped tiny base and real ones alike),
 plus the two operations every training stage needs: batched sampling and per-token log-probs.
 
-    model, processor = load("tiny")                             # random init, built here, offline
+    model, processor = load("tiny-qwen2.5-vl-cxr")               # the tiny base (pretrain.py made it)
     model, processor = load("Qwen/Qwen2.5-VL-3B-Instruct")      # or any local checkpoint directory
 
-The tiny model is the real architecture (transformers' Qwen2_5_VLForConditionalGeneration: a ViT
-with 2-D rotary positions and a patch merger, feeding a Qwen2 decoder with 3-D "M-RoPE") at about
-2M parameters, and its tokenizer is a byte-level BPE trained here on the synthetic text. It is
-wrapped in the real Qwen2.5-VL processor, so each image becomes the right number of
-<|image_pad|> tokens exactly as for the 3B model.
+Nothing here builds a model from a config: pretrain.py does, once. The tiny base is the real
+architecture (transformers' Qwen2_5_VLForConditionalGeneration: a ViT with 2-D rotary positions
+and a patch merger, feeding a Qwen2 decoder with 3-D "M-RoPE") at about 2M parameters, wrapped in
+the real Qwen2.5-VL processor, so each image becomes the right number of <|image_pad|> tokens
+exactly as for the 3B model.
 
 Known traps in transformers 5.x, handled once, here:
   * Qwen2_5_VLProcessor insists on a video processor, which needs torchvision (no CPU wheel):
@@ -20,16 +20,14 @@ Known traps in transformers 5.x, handled once, here:
   * bos/eos/pad ids belong on the config *and* the generation config, or generate() guesses
     (sample() below reads only the end ids from it; tests compare it with generate()).
 """
-import functools
 import math
 import os
 
 import torch
 import torch.utils.checkpoint
-from transformers import (AutoConfig, GenerationConfig, PreTrainedTokenizerFast, Qwen2_5_VLConfig,
-                          Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor,
+from transformers import (AutoConfig, Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor,
                           Qwen2VLForConditionalGeneration)
-from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil, smart_resize
+from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
 
 SYSTEM_PROMPT = "Reason in <think> naming each region you check with its box, then answer in <answer>."
 VISION_TOKENS = ["<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]  # never in a completion
@@ -42,17 +40,6 @@ CHAT_TEMPLATE = (  # Qwen's ChatML, reduced to what we use: text and image parts
     "{% else %}{{ c['text'] }}{% endif %}{% endfor %}{% endif %}<|im_end|>\n{% endfor %}"
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 
-# The tiny model. Text: head_dim = 128 / 4 = 32, so mrope_section (temporal, height, width
-# frequency pairs) must sum to 16. Vision: 14-px patches, 2x2 merged, so a 112-px image is an
-# 8x8 patch grid and 16 image tokens.
-TINY_TEXT = dict(hidden_size=128, intermediate_size=384, num_hidden_layers=4, num_attention_heads=4,
-                 num_key_value_heads=2, max_position_embeddings=1024, rms_norm_eps=1e-6,
-                 rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [4, 6, 6]})
-TINY_VISION = dict(depth=3, hidden_size=128, intermediate_size=256, num_heads=4, patch_size=14,
-                   spatial_merge_size=2, temporal_patch_size=2, window_size=112, fullatt_block_indexes=[2])
-TINY_PIXELS = 112 * 112  # the image processor resizes every image to this budget: 16 tokens
-
-
 class ImageOnlyProcessor(Qwen2_5_VLProcessor):
     """The real Qwen2.5-VL processor without its video processor (which requires torchvision).
     Its __init__ signature defines which sub-processors ProcessorMixin loads and checks."""
@@ -61,66 +48,15 @@ class ImageOnlyProcessor(Qwen2_5_VLProcessor):
         super().__init__(image_processor, tokenizer, None, chat_template=chat_template)
 
 
-# ----------------------------------------------------------------------------- building and loading
-@functools.lru_cache(maxsize=1)
-def build_tiny_tokenizer(vocab_size=1024, n_texts=800):
-    """A byte-level BPE trained on synthetic questions and traces. Digits are split one per token
-    (as Qwen's tokenizer does), so any box coordinate is spelt from the same ten symbols."""
-    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
-    import data
-    texts = [SYSTEM_PROMPT]
-    for i in range(n_texts):
-        s = data.make_sample("train", i)
-        texts += [s["question"], s["response"]]
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
-                                                 pre_tokenizers.ByteLevel(add_prefix_space=False)])
-    tok.decoder = decoders.ByteLevel()
-    tok.train_from_iterator(texts, trainers.BpeTrainer(
-        vocab_size=vocab_size, special_tokens=SPECIAL, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False))
-    tok.add_tokens(TAGS)
-    # each anatomical region name is ONE token (with and without a space before it): sequences get
-    # ~15% shorter, and finding an option's letter in the question is matching one token, not
-    # four ("left" "upper" "lung" "zone"). Single runs: single-choice 0.40 -> 0.48-0.50 (README)
-    tok.add_tokens([AddedToken(w, normalized=False) for r in data.REGIONS for w in (" " + r, r)])
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=None, eos_token="<|im_end|>",
-                                   pad_token="<|endoftext|>", padding_side="left")
-
-
-def token_ids(tokenizer):
-    """The special-token ids a Qwen2.5-VL config needs, read from `tokenizer`: (ids for the text
-    config and the GenerationConfig, ids for the top-level config)."""
-    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL}
-    text = dict(bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"])
-    vision = dict(image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
-                  vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"])
-    return text, vision
-
-
-def build_tiny(seed=0):
-    """Random-init tiny Qwen2.5-VL and its processor, entirely offline."""
-    tokenizer = build_tiny_tokenizer()
-    text_ids, vision_ids = token_ids(tokenizer)
-    config = Qwen2_5_VLConfig(
-        text_config=dict(TINY_TEXT, vocab_size=len(tokenizer), **text_ids),
-        vision_config=dict(TINY_VISION, out_hidden_size=TINY_TEXT["hidden_size"]),
-        **vision_ids, tie_word_embeddings=True)
-    torch.manual_seed(seed)
-    model = Qwen2_5_VLForConditionalGeneration(config)
-    model.generation_config = GenerationConfig(**text_ids)
-    image_processor = Qwen2VLImageProcessorPil(
-        patch_size=14, merge_size=2, temporal_patch_size=2, min_pixels=TINY_PIXELS, max_pixels=TINY_PIXELS)
-    return model, ImageOnlyProcessor(image_processor, tokenizer, chat_template=CHAT_TEMPLATE)
-
-
-def load(name_or_path="tiny", device="cpu", dtype=torch.float32, seed=0):
-    """`tiny` builds the offline model; anything else is a Hub id or a directory holding a
-    Qwen2.5-VL or Qwen2-VL checkpoint (including ones this project saved). No remote code.
-    A path that is not such a checkpoint exits with one line naming it, not a library traceback."""
-    if name_or_path == "tiny":
-        model, processor = build_tiny(seed)
-        return model.to(device=device, dtype=dtype), processor
+# ----------------------------------------------------------------------------- loading
+def load(name_or_path, device="cpu", dtype=torch.float32):
+    """A Hub id or a directory holding a Qwen2.5-VL or Qwen2-VL checkpoint (the shipped tiny base,
+    one this project saved, a real one). No remote code. A relative path is also looked for next
+    to this file, so the default base loads from anywhere. A path that is not such a checkpoint
+    exits with one line naming it, not a library traceback."""
+    here = os.path.join(os.path.dirname(os.path.abspath(__file__)), name_or_path)
+    if not os.path.exists(name_or_path) and not os.path.isabs(name_or_path) and os.path.isdir(here):
+        name_or_path = here
     looks_local = os.path.sep in name_or_path or name_or_path.startswith(".") or os.path.exists(name_or_path)
     if looks_local and not os.path.isfile(os.path.join(name_or_path, "config.json")):
         why = "does not exist" if not os.path.exists(name_or_path) else "has no config.json: not a model checkpoint"
@@ -239,7 +175,7 @@ def prefill(model, prompt):
     largest position so far, equal in all three dimensions: completion token t sits at next + t.
     """
     pos, _ = _core(model).get_rope_index(prompt["input_ids"], prompt["mm_token_type_ids"],
-                                         image_grid_thw=prompt["image_grid_thw"],
+                                         image_grid_thw=prompt.get("image_grid_thw"),   # none: text only
                                          attention_mask=prompt["attention_mask"])      # [3, B, P]
     out = model(**prompt, position_ids=pos, use_cache=True, logits_to_keep=1)
     return out.logits[:, -1], out.past_key_values, pos.amax(dim=(0, 2)) + 1           # [B, V], cache, [B]
@@ -372,7 +308,7 @@ def completion_logprobs(model, prompt, completion_ids, completion_mask, entropy=
                        attention_mask=torch.cat([p["attention_mask"], completion_mask.to(p["attention_mask"].dtype)], 1),
                        # zeros (text) over the completion: the 3-D positions come out as in sampling
                        mm_token_type_ids=torch.cat([p["mm_token_type_ids"], torch.zeros_like(completion_ids)], 1),
-                       pixel_values=p["pixel_values"], image_grid_thw=p["image_grid_thw"],
+                       pixel_values=p.get("pixel_values"), image_grid_thw=p.get("image_grid_thw"),  # none: text only
                        logits_to_keep=T + 1, use_cache=False).logits[:, :-1]                       # [N, T, V]
     else:                                              # shared prompts: prefill B, continue N
         last, cache, pos = prefill(model, prompt)                                                  # [B, V], cache, [B]

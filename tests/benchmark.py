@@ -163,7 +163,7 @@ if __name__ == "__main__":
     ap.add_argument("what", choices=["grpo-vs-trl", "model", "one"])
     ap.add_argument("side", nargs="?", help=argparse.SUPPRESS)
     ap.add_argument("--init", default="runs/sft", help="grpo-vs-trl: the checkpoint both sides start from")
-    ap.add_argument("--model", default="tiny", help="model: 'tiny', a Hub id or a checkpoint directory")
+    ap.add_argument("--model", default="tiny-qwen2.5-vl-cxr", help="model: the tiny base, a Hub id or a checkpoint directory")
     ap.add_argument("--out", default="", help=argparse.SUPPRESS)
     ap.add_argument("--pairs", type=int, default=3, help="grpo-vs-trl: interleaved pairs of runs")
     ap.add_argument("--steps", type=int, default=6, help="grpo-vs-trl: steps a run (the first is not counted)")

@@ -28,6 +28,7 @@ from transformers import AutoConfig, GenerationConfig, Qwen2_5_VLForConditionalG
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 import model as M  # noqa: E402
+import pretrain  # noqa: E402
 
 VOCAB, N_TOKENS = 151_936, 151_665          # embedding rows; tokenizer entries
 SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>",
@@ -85,7 +86,7 @@ def tokenizer_json():
     """Qwen2.5's tokenizer layout on the tiny model's byte-level BPE: its merges and regular tokens,
     filler tokens (decodable, never produced by a merge) up to id 151,642, then the 22 special
     tokens at their real ids. Digits are split one per token, as Qwen's pre-tokenizer does."""
-    tiny = json.loads(M.build_tiny_tokenizer().backend_tokenizer.to_str())
+    tiny = json.loads(pretrain.build_tokenizer().backend_tokenizer.to_str())
     ours = {t["content"] for t in tiny["added_tokens"]}
     regular = [t for t, _ in sorted(tiny["model"]["vocab"].items(), key=lambda kv: kv[1]) if t not in ours]
     vocab = {t: i for i, t in enumerate(regular)}

@@ -12,6 +12,7 @@ import torch.multiprocessing as mp
 
 import data
 import grpo
+import pretrain
 import model as M
 import run
 
@@ -25,7 +26,7 @@ def torchrun(script, *flags):
 def test_sft_then_grpo_on_two_processes(tmp_path):
     sft_out, grpo_out = tmp_path / "sft", tmp_path / "grpo"
     r = torchrun("sft.py", "--max-steps", "3", "--batch-size", "2", "--train-size", "32", "--eval-every", "0",
-                 "--eval-n", "2", "--save-every", "2", "--tower-steps", "2", "--reading-steps", "2", "--out", str(sft_out))
+                 "--eval-n", "2", "--save-every", "2", "--out", str(sft_out))
     assert r.returncode == 0, r.stderr[-3000:]
     assert "2 ranks agree on the weights" in r.stdout and "rank 1 of 2" in r.stdout
     lines = [json.loads(x) for x in (sft_out / "metrics.jsonl").read_text().splitlines()]
@@ -47,7 +48,7 @@ def _update_gradient(rank, world, B, G):
     """The gradient of one GRPO update (batch-std advantages, token-mean loss) over this rank's B
     prompts of a fixed rollout of world * B prompts: completions, lengths and rewards are drawn
     once for all of them and sliced, so 1 process x 2B prompts sees exactly 2 x B's rollout."""
-    policy, processor = M.load("tiny")
+    policy, processor = pretrain.build()
     gen = torch.Generator().manual_seed(1)
     n, T = world * B * G, 7
     ids = torch.randint(30, 400, (n, T), generator=gen)                          # plain text tokens

@@ -48,10 +48,10 @@ def test_majority_baseline():
 
 
 def test_evaluate_script_two_checkpoints(tmp_path):
-    import model as M
+    import pretrain
     import run
     for name, seed in (("a", 0), ("b", 1)):
-        m, p = M.load("tiny", seed=seed)
+        m, p = pretrain.build(seed=seed)
         run.save(m, p, str(tmp_path / name))
     out = tmp_path / "r.json"
     r = subprocess.run([sys.executable, "evaluate.py", "--checkpoint", str(tmp_path / "a"), str(tmp_path / "b"),
@@ -88,10 +88,10 @@ def test_evaluate_script_two_checkpoints(tmp_path):
 
 
 def test_evaluate_over_seeds(tmp_path):
-    import model as M
+    import pretrain
     import run
     for name, seed in (("a0", 0), ("a1", 1), ("b0", 2), ("b1", 3)):
-        run.save(*M.load("tiny", seed=seed), str(tmp_path / name))
+        run.save(*pretrain.build(seed=seed), str(tmp_path / name))
     out = tmp_path / "r.json"
     r = subprocess.run([sys.executable, "evaluate.py", "--checkpoint", str(tmp_path / "a0"), str(tmp_path / "a1"),
                         "--against", str(tmp_path / "b0"), str(tmp_path / "b1"), "--split", "validation", "--n", "6",

@@ -182,7 +182,6 @@ def test_sft_and_evaluate_run_on_gemex_data(gemex_files, tmp_path):
                         "--out", str(out), *flags], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-2000:]
     assert "skipped 1 (missing image" in r.stdout
-    assert "vision warm-up skipped" in r.stdout                 # the default --tower-steps, said, not silent
     res = tmp_path / "eval.json"
     assert "validation: 64 samples asked for, 16 usable: using all 16" in r.stdout
     preds = tmp_path / "p.jsonl"
@@ -211,8 +210,8 @@ def test_each_script_stops_on_a_bad_data_file_with_one_line(gemex_files, tmp_pat
              ("sft.py", str(tmp_path / "absent.parquet"), root, "absent.parquet: does not exist")]
     for script, p, r, words in cases:
         extra = {"sft.py": ["--out", str(tmp_path / "o"), "--train-size", "8", "--batch-size", "4"],
-                 "grpo.py": ["--out", str(tmp_path / "o"), "--train-size", "8", "--init", "tiny"],
-                 "evaluate.py": ["--checkpoint", "tiny", "--n", "8"]}[script]
+                 "grpo.py": ["--out", str(tmp_path / "o"), "--train-size", "8", "--init", "tiny-qwen2.5-vl-cxr"],
+                 "evaluate.py": ["--checkpoint", "tiny-qwen2.5-vl-cxr", "--n", "8"]}[script]
         run = subprocess.run([sys.executable, script, "--data", "gemex", "--data-path", p, "--image-root", r,
                               *extra], capture_output=True, text=True)
         last = (run.stderr.strip().splitlines() or [""])[-1]

@@ -12,6 +12,7 @@ import torch
 
 import data
 import grpo
+import pretrain
 import model as M
 import run
 import reward
@@ -48,7 +49,7 @@ def _tokens(tok, texts):
 
 def test_span_credit_by_hand():
     # one group of 2: completion 0 has the right answer but a loose box, completion 1 the reverse
-    tok = M.build_tiny_tokenizer()
+    tok = pretrain.build_tokenizer()
     is_digit = grpo.digit_tokens(grpo.token_pieces(tok, len(tok) + 3))    # + 3 ids past the tokenizer
     assert is_digit.shape == (len(tok) + 3,) and is_digit.sum() == 10
     assert all(is_digit[tok.convert_tokens_to_ids(str(d))] for d in range(10))
@@ -71,7 +72,7 @@ def test_span_credit_by_hand():
 def _coord(texts, ref, scores, w, norm, G=None):
     """coord_advantages on hand-made completions of one prompt -> (advantages [N, T], ids,
     a function giving the token positions of a substring of completion i)."""
-    tok = M.build_tiny_tokenizer()
+    tok = pretrain.build_tokenizer()
     ids, lengths = _tokens(tok, texts)
     pieces = grpo.token_pieces(tok, len(tok))
     a = grpo.coord_advantages(scores, texts, [ref], ids, lengths, pieces, w, G or len(texts), norm)
@@ -115,7 +116,7 @@ def test_coordinate_credit_by_hand(norm):
     # text (format + answer): 1.25 vs 0.25 -> +-0.5 ('none'), +-0.7071 ('group')
     t = 0.5 if norm == "none" else 0.5 / 0.7071068
     box = at(1, "cardiac silhouette [1, 2, 3, 4]")
-    digits = [p for p in box if ids[1, p] in ids.new_tensor(M.build_tiny_tokenizer().convert_tokens_to_ids(list("1234")))]
+    digits = [p for p in box if ids[1, p] in ids.new_tensor(pretrain.build_tokenizer().convert_tokens_to_ids(list("1234")))]
     assert len(digits) == 4 and torch.allclose(a[1, digits], torch.tensor(-k), atol=1e-3)            # the hallucination: count
     words = [p for p in box if p not in digits]
     assert torch.allclose(a[1, words], torch.tensor(-t - k), atol=1e-3)   # its name and brackets: text + count
@@ -123,7 +124,7 @@ def test_coordinate_credit_by_hand(norm):
     assert torch.allclose(a[1, at(1, "</think>")], torch.tensor(-t), atol=1e-3)     # 1 stopped late: its box is blamed
     assert torch.allclose(a[0, at(0, "is clear.")], torch.tensor(t), atol=1e-3)     # every other token: the text's
     # text that does not match its tokens (here one number too few): no box credit in that row
-    tok = M.build_tiny_tokenizer()
+    tok = pretrain.build_tokenizer()
     b = grpo.coord_advantages(scores, [texts[0], texts[1][:40]], [REF1], ids, _tokens(tok, texts)[1],
                               grpo.token_pieces(tok, len(tok)), W, 2, norm)
     assert torch.allclose(b[1], torch.tensor(-t), atol=1e-3)
@@ -280,7 +281,7 @@ def test_a_fully_dropped_rollout_is_a_zero_loss_not_nan():
 # ----------------------------------------------------------------------------- micro-batching
 def _rollout(n_prompts=2, G=3):
     torch.manual_seed(0)
-    policy, processor = M.load("tiny")
+    policy, processor = pretrain.build()
     rows = [data.make_sample("train", i) for i in range(n_prompts)]
     roll = M.sample(policy, processor, [r["image"] for r in rows], [r["question"] for r in rows], G,
                     max_new_tokens=10)
@@ -326,7 +327,7 @@ def test_bad_flags_are_named(tmp_path):
             grpo.check(replace(CFG, **flags))
     grpo.check(grpo.GRPOConfig())                                 # the defaults are fine
     # and from the command line: one line, non-zero exit, no traceback
-    r = subprocess.run([sys.executable, "grpo.py", "--init", "tiny", "--types", "closed_ended_questions",
+    r = subprocess.run([sys.executable, "grpo.py", "--init", pretrain.BASE, "--types", "closed_ended_questions",
                         "--train-size", "8", "--out", str(tmp_path / "o")], capture_output=True, text=True)
     assert r.returncode != 0 and "2 training prompts of --types closed_ended_questions" in r.stderr and "Traceback" not in r.stderr
     r = subprocess.run([sys.executable, "grpo.py", "--group-size", "1"], capture_output=True, text=True)
@@ -335,7 +336,7 @@ def test_bad_flags_are_named(tmp_path):
 
 def test_grpo_smoke_then_evaluate(tmp_path):
     init = tmp_path / "init"
-    run.save(*M.load("tiny"), str(init))
+    run.save(*pretrain.build(), str(init))
     out = tmp_path / "grpo"
     r = subprocess.run([sys.executable, "grpo.py", "--init", str(init), "--out", str(out), "--max-steps", "2",
                         "--prompts", "2", "--group-size", "2", "--max-new-tokens", "12", "--mu", "2",
@@ -373,7 +374,7 @@ def test_the_benchmark_script_runs_both_of_its_measurements(tmp_path):
     r = subprocess.run([sys.executable, "tests/benchmark.py", "model", "--repeats", "1", "--batch-size", "2",
                         "--prompts", "2", "--group-size", "2", "--max-new-tokens", "4"], capture_output=True, text=True)
     assert r.returncode == 0 and "forward+backward, batch 2:" in r.stdout and "rollout 2 x 2" in r.stdout, r.stderr[-2000:]
-    r = subprocess.run([sys.executable, "tests/benchmark.py", "one", "grpo", "--init", "tiny", "--out", str(tmp_path),
+    r = subprocess.run([sys.executable, "tests/benchmark.py", "one", "grpo", "--init", pretrain.BASE, "--out", str(tmp_path),
                         "--steps", "2", "--prompts", "2", "--group-size", "2", "--max-new-tokens", "6"],
                        capture_output=True, text=True)
     got = json.loads(r.stdout.strip().splitlines()[-1])

@@ -5,13 +5,14 @@ import pytest
 import torch
 
 import data
+import pretrain
 import model as M
 import run
 
 
 @pytest.fixture(scope="module")
 def tiny():
-    return M.load("tiny")
+    return pretrain.build()
 
 
 @pytest.fixture(scope="module")
@@ -123,7 +124,7 @@ def test_the_decode_loop_is_generate_and_the_scoring_forward_sees_what_it_saw(ti
 def test_shared_prompt_scoring_equals_the_per_row_forward(batch, vision_trained):
     # each prompt prefilled once and its cache repeated for its G completions: the same log-probs
     # AND the same gradient (into the prompt pass and the vision tower) as G full copies
-    model, processor = M.load("tiny")
+    model, processor = pretrain.build()
     model.model.visual.requires_grad_(vision_trained)
     images, questions, _ = batch
     torch.manual_seed(0)
@@ -174,7 +175,7 @@ def test_sampler_ignores_the_checkpoints_generation_config(batch, tmp_path):
     # Qwen2.5-VL checkpoints ship repetition_penalty 1.05, top_k 1, top_p 0.001: generate() would
     # fill every knob we do not pass from them. The sampler sets every knob, so the rollout is the same.
     images, questions, _ = batch
-    model, processor = M.load("tiny")
+    model, processor = pretrain.build()
     torch.manual_seed(0)
     clean = M.sample(model, processor, images[:2], questions[:2], group_size=3, max_new_tokens=12, temperature=0.7)
     model.generation_config.update(do_sample=True, repetition_penalty=1.05, top_k=1, top_p=0.001, no_repeat_ngram_size=2,
@@ -195,7 +196,7 @@ def test_sampler_ignores_the_checkpoints_generation_config(batch, tmp_path):
 def test_sampling_never_emits_a_vision_placeholder(batch):
     # make <|image_pad|> the likeliest next token everywhere: unsuppressed, a completion would hold
     # image tokens without image features, and scoring it would fail (the CI failure of session 9)
-    model, processor = M.load("tiny")
+    model, processor = pretrain.build()
     pad = processor.image_token_id
     with torch.no_grad():
         model.get_output_embeddings().weight[pad] *= 200.0
@@ -229,9 +230,9 @@ def test_qwen2_vl_checkpoints_load_too(tiny, batch, tmp_path):
     ref, processor = tiny
     c = ref.config
     config = Qwen2VLConfig(
-        text_config=dict(M.TINY_TEXT, vocab_size=c.text_config.vocab_size, eos_token_id=c.text_config.eos_token_id,
+        text_config=dict(pretrain.TEXT, vocab_size=c.text_config.vocab_size, eos_token_id=c.text_config.eos_token_id,
                          pad_token_id=c.text_config.pad_token_id, bos_token_id=c.text_config.bos_token_id),
-        vision_config=dict(depth=1, embed_dim=64, hidden_size=M.TINY_TEXT["hidden_size"], num_heads=2, patch_size=14),
+        vision_config=dict(depth=1, embed_dim=64, hidden_size=pretrain.TEXT["hidden_size"], num_heads=2, patch_size=14),
         image_token_id=c.image_token_id, video_token_id=c.video_token_id,
         vision_start_token_id=c.vision_start_token_id, vision_end_token_id=c.vision_end_token_id)
     model = Qwen2VLForConditionalGeneration(config)
@@ -257,7 +258,7 @@ def test_memory_plan_flags_change_memory_not_maths():
     from dataclasses import replace
     import sft
     plan = lambda **k: replace(run.MemoryFlags(), **k)  # noqa: E731
-    model, processor = M.load("tiny")
+    model, processor = pretrain.build()
     assert M.image_frame(processor, 224) == 112                      # tiny: 224-px GEMeX boxes land in 112
     run.apply_memory_plan(model, processor, plan(max_pixels=56 * 56))
     assert M.image_frame(processor, 224) == 56
@@ -267,7 +268,7 @@ def test_memory_plan_flags_change_memory_not_maths():
     with pytest.raises(AssertionError, match="another frame"):      # a 112 image would be resized: refused
         M.build_prompts(processor, [s["image"]], ["q"])
 
-    model, processor = M.load("tiny")
+    model, processor = pretrain.build()
     run.apply_memory_plan(model, processor, plan(freeze_vision=True))
     groups = sft.param_groups(model, sft.SFTConfig())
     trained = {id(p) for g in groups for p in g["params"]}
@@ -275,7 +276,7 @@ def test_memory_plan_flags_change_memory_not_maths():
 
     def grads(checkpointing):
         torch.manual_seed(0)
-        m, p = M.load("tiny")
+        m, p = pretrain.build()
         run.apply_memory_plan(m, p, plan(grad_checkpointing=checkpointing))
         m.train()
         prompt = M.build_prompts(p, [s["image"]], [s["question"]])
@@ -289,7 +290,7 @@ def test_a_processor_with_a_larger_budget_still_reads_the_synthetic_set():
     """A real Qwen2.5-VL processor sees GEMeX films at 224 px, but the synthetic set is drawn at
     112: it must load as drawn, and its images reach the model unresized (boxes keep their frame)."""
     from transformers.image_utils import SizeDict
-    _, processor = M.load("tiny")
+    _, processor = pretrain.build()
     processor.image_processor.size = SizeDict(shortest_edge=56 * 56, longest_edge=28 * 28 * 1280)  # Qwen's defaults
     frame = M.image_frame(processor, data.GEMEX_FRAME)
     assert frame == 224
@@ -300,7 +301,7 @@ def test_a_processor_with_a_larger_budget_still_reads_the_synthetic_set():
 
 
 def test_sample_generates_in_eval_mode_and_restores_the_mode():
-    model, processor = M.load("tiny")
+    model, processor = pretrain.build()
     s = data.make_sample("test", 0)
     seen = []
     hook = model.register_forward_pre_hook(lambda m, a: seen.append(m.training))
@@ -339,7 +340,7 @@ LORA = run.MemoryFlags(lora_r=4, lora_alpha=8.0)
 
 def _lora_trained(batch, steps=3):
     """The tiny model with LoRA adapters after a few SFT steps; returns (model, processor, base weights)."""
-    model, processor = M.load("tiny")
+    model, processor = pretrain.build()
     base = {k: v.clone() for k, v in model.state_dict().items()}
     run.apply_memory_plan(model, processor, LORA)
     images, questions, responses = batch
@@ -374,7 +375,7 @@ def test_lora_trains_the_adapters_and_not_the_base(batch, tmp_path):
 
 def test_lora_with_adapters_off_is_the_base_model_exactly(batch):
     model, _, base, (prompt, ids, mask) = _lora_trained(batch)
-    plain, _ = M.load("tiny")
+    plain, _ = pretrain.build()
     with torch.no_grad():
         want = M.completion_logprobs(plain, prompt, ids, mask)
         with run.adapters_off(model):

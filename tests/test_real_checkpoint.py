@@ -15,6 +15,7 @@ from PIL import Image
 import data
 import gemex
 import grpo
+import pretrain
 import model as M
 import run
 
@@ -150,7 +151,7 @@ def test_checkpointing_leaves_a_frozen_vision_tower_out_of_backward():
     grads, tower_grad = {}, {}
     images, questions = _samples()
     for ckpt in (False, True):
-        model, proc = M.load("tiny")
+        model, proc = pretrain.build()
         run.apply_memory_plan(model, proc, run.MemoryFlags(lora_r=4, grad_checkpointing=ckpt))
         model.train()
         model.model.visual.register_forward_hook(lambda m, a, out: tower_grad.update({ckpt: out.pooler_output.requires_grad
@@ -168,7 +169,7 @@ def test_checkpointing_leaves_a_frozen_vision_tower_out_of_backward():
 def test_a_merged_save_keeps_a_small_update_in_bf16_and_streams_in_shards(tmp_path):
     from safetensors.torch import load_file
     from transformers import AutoModelForImageTextToText
-    model, proc = M.load("tiny", dtype=torch.bfloat16)
+    model, proc = pretrain.build(dtype=torch.bfloat16)
     run.apply_memory_plan(model, proc, run.MemoryFlags(lora_r=4))
     name, layer = run.lora_layers(model)[0]
     with torch.no_grad():            # an update of 1e-5 on every weight: below bf16's resolution (~1e-4 here)

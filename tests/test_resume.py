@@ -11,11 +11,12 @@ import time
 import pytest
 import torch
 
+import pretrain
 import model as M
 import run
 
 SFT = ["sft.py", "--max-steps", "10", "--batch-size", "4", "--train-size", "24", "--eval-every", "0",
-       "--eval-n", "2", "--save-every", "2", "--keep", "2", "--tower-steps", "2", "--reading-steps", "2"]
+       "--eval-n", "2", "--save-every", "2", "--keep", "2"]
 TIMING = {"elapsed_s", "time_generate", "time_score", "time_reference", "time_train"}
 
 
@@ -59,7 +60,7 @@ def test_sft_killed_and_resumed_equals_uninterrupted(tmp_path):
 @pytest.mark.parametrize("lora", [[], ["--lora-r", "4", "--beta", "0.1"]], ids=["full", "lora"])
 def test_grpo_killed_and_resumed_equals_uninterrupted(tmp_path, lora):
     init = tmp_path / "init"
-    run.save(*M.load("tiny"), str(init))
+    run.save(*pretrain.build(), str(init))
     # weight decay moves the weights every step even when a random-init model's groups have equal
     # rewards, so the sampled rollouts (and their lengths, entropies) depend on every restored piece;
     # under LoRA the resumed run rebuilds the frozen init and loads the adapters from the checkpoint
@@ -84,7 +85,7 @@ def test_resume_with_nothing_to_resume_starts_at_step_0(tmp_path):
 
 
 def test_a_save_killed_before_its_rename_leaves_the_previous_checkpoint(tmp_path, monkeypatch):
-    model, processor = M.load("tiny")
+    model, processor = pretrain.build()
     run.save_checkpoint(str(tmp_path), 2, model, processor, {"optimizer": {}, "order": [1, 2]})
 
     def killed(tmp):
@@ -102,7 +103,7 @@ def test_a_save_killed_before_its_rename_leaves_the_previous_checkpoint(tmp_path
 
 
 def test_a_full_disk_is_one_line_and_the_previous_checkpoint_survives(tmp_path, monkeypatch):
-    model, processor = M.load("tiny")
+    model, processor = pretrain.build()
     run.save_checkpoint(str(tmp_path), 2, model, processor, {"optimizer": {}})
 
     def full(tmp):

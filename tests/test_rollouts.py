@@ -14,6 +14,7 @@ import torch
 
 import data
 import grpo
+import pretrain
 import model as M
 import reward
 import rollouts
@@ -60,7 +61,7 @@ TEXTS = [REF,
 
 @pytest.mark.parametrize("credit", ["sequence", "span", "coord"])
 def test_the_page_shows_each_token_with_the_advantage_grpo_computed(credit, tmp_path):
-    tok = M.build_tiny_tokenizer()
+    tok = pretrain.build_tokenizer()
     rows = [tok(t, add_special_tokens=False)["input_ids"] for t in TEXTS]
     T = max(map(len, rows))
     ids = torch.tensor([r + [tok.pad_token_id] * (T - len(r)) for r in rows])
@@ -100,7 +101,7 @@ def test_the_page_shows_each_token_with_the_advantage_grpo_computed(credit, tmp_
 
 def test_grpo_writes_a_page_every_shown_step(tmp_path):
     init, out = tmp_path / "init", tmp_path / "grpo"
-    run.save(*M.load("tiny"), str(init))
+    run.save(*pretrain.build(), str(init))
     r = subprocess.run([sys.executable, "grpo.py", "--init", str(init), "--out", str(out), "--max-steps", "3",
                         "--prompts", "2", "--group-size", "2", "--max-new-tokens", "8", "--show-every", "1",
                         "--eval-every", "0", "--eval-n", "2", "--train-size", "16", "--save-every", "0"],
