@@ -14,8 +14,9 @@ test splits) and never from a ThinkVG trace (no reasoning with boxes followed by
              "Describe the cardiac silhouette." -> "The cardiac silhouette has a normal outline."
   grounding  "Locate the right costophrenic angle." -> "[12, 70, 30, 88]" (absolute pixels, as
              Qwen2.5-VL is pretrained to write them)
-  reading    text only: a few statements about regions, then a question with its options ->
-             the answer they imply, e.g. the option letter of the region that holds a finding.
+  reading    text only: a question with its options, a written reasoning (statements about
+             regions, no boxes) -> the answer it implies ("... Answer: B"), e.g. the option
+             letter of the region the reasoning says holds the finding.
              Two regions named and four lettered options is a three-hop lookup a small decoder
              learns only through a curriculum: one statement first, then both.
 
@@ -56,12 +57,12 @@ class PretrainConfig:
     films: int = 20000             # the pretraining films, drawn once from a stream of their own
     tower_steps: int = 800         # vision warm-up steps (the tower's own heads), before the language phase
     tower_lr: float = 3e-3         # peak learning rate of the vision warm-up
-    steps: int = 24000             # language-model steps (alternately a batch of films and a batch of text)
+    steps: int = 12000             # language-model steps (alternately a batch of films and a batch of text)
     batch_size: int = 32           # samples per step
     lr: float = 2e-3               # peak learning rate (the vision tower at a tenth of it)
     warmup_steps: int = 200        # linear warm-up, then cosine decay to 10%
-    curriculum: float = 0.4        # share of the steps over which the lookup goes from one statement to two
-    lookup_share: float = 0.3      # share of reading samples that are the two-region letter lookup
+    curriculum: float = 0.3        # share of the steps over which the lookup goes from one statement to two
+    choice_share: float = 0.6      # share of reading samples with lettered options (single and multi choice)
     eval_n: int = 400              # held-out samples per task for the card
     seed: int = 0                  # seed for the architecture's init, the films and the order
 
@@ -156,31 +157,38 @@ def image_task(rng, film):
 
 
 def reading(rng, index, one_statement):
-    """A reading exercise, text only: statements about regions, then a question of the task's
-    templates -> the answer they imply. The statements are a ThinkVG reasoning WITHOUT its
-    boxes, and the answer follows no reasoning of the model's own. one_statement: the chance
-    that "Which region contains the X?" names only the region that holds it (the curriculum)."""
+    """A reading exercise, text only: a question of the task's templates, then a written
+    reasoning (statements about regions) and the answer it implies -> (question, reasoning,
+    answer). The reasoning is a ThinkVG reasoning WITHOUT its boxes and tags, as a chat model's
+    chain of thought ("... Answer: B"); the base learns the answer, not the statements (they
+    come from no film). one_statement: the chance that "Which region contains the X?" is
+    reasoned with only the region that holds it (the curriculum's first step)."""
     qtype, variant, findings = data._header(rng, index)
     at = {r: k for k, r in findings}
     question, statements, answer = data.ask(rng, qtype, variant, findings, lambda r: data.describe(r, None, at))
     if question.startswith("Which region contains") and rng.random() < one_statement:
         statements = statements[:1]                           # the answer's region only
     order = rng.permutation(len(statements))
-    return " ".join(statements[i] for i in order) + "\n" + question, answer
+    return question, " ".join(statements[i] for i in order) + "\nAnswer:", " " + answer
 
 
-def lookup_index(rng):
-    """An index whose sample is a single-choice question (index % 4 == 2): the lookup's type."""
-    return 4 * int(rng.integers(10 ** 9)) + 2
+def reading_index(rng, choice_share):
+    """The index of a reading exercise: its question type is index % 4 (data._header). Lettered
+    questions (single choice: 2, multi choice: 3) are the hard reading, so they get choice_share
+    of the exercises, the yes/no and open questions the rest."""
+    kind = rng.choice(4, p=[(1 - choice_share) / 2] * 2 + [choice_share / 2] * 2)
+    return 4 * int(rng.integers(10 ** 9)) + int(kind)
 
 
-def chat(processor, images, requests, answers, device):
-    """Chat prompts under the base's system prompt (with a film each, or text only) and their
-    answers -> (prompt BatchFeature, answer ids [B, T], mask [B, T]: the answer and its end)."""
+def chat(processor, images, requests, answers, device, written=None):
+    """Chat prompts under the base's system prompt (with a film each, or text only), optionally
+    followed by the start of the assistant's turn (`written`: a reasoning the base reads, never a
+    target), and the answers -> (prompt BatchFeature, answer ids [B, T], mask [B, T]: the answer
+    and its end of turn)."""
     texts = [processor.apply_chat_template(
         [{"role": "system", "content": BASE_SYSTEM},
          {"role": "user", "content": ([{"type": "image"}] if images else []) + [{"type": "text", "text": q}]}],
-        add_generation_prompt=True, tokenize=False) for q in requests]
+        add_generation_prompt=True, tokenize=False) + (written[i] if written else "") for i, q in enumerate(requests)]
     prompt = processor(images=[[im] for im in images] if images else None, text=texts, return_tensors="pt",
                        padding=True).to(device)
     ids, mask = M.tokenize_completions(processor, answers, processor.tokenizer.convert_tokens_to_ids("<|im_end|>"))
@@ -280,11 +288,11 @@ def card(model, processor, seed, n, device):
     rng, out = np.random.default_rng([seed, data.STREAMS["pretrain"], 10 ** 9 + 1]), {}
     held = films(n, seed + 1, 0)                                         # another seed: unseen films
 
-    def greedy(images, requests, budget):
+    def greedy(images, requests, budget, written=None):
         texts = [processor.apply_chat_template(
             [{"role": "system", "content": BASE_SYSTEM},
              {"role": "user", "content": ([{"type": "image"}] if images else []) + [{"type": "text", "text": q}]}],
-            add_generation_prompt=True, tokenize=False) for q in requests]
+            add_generation_prompt=True, tokenize=False) + (written[i] if written else "") for i, q in enumerate(requests)]
         answers = []
         for i in range(0, len(texts), 100):
             prompt = processor(images=[[im] for im in images[i:i + 100]] if images else None, text=texts[i:i + 100],
@@ -304,19 +312,18 @@ def card(model, processor, seed, n, device):
     out["box IoU"], out["box IoU > 0.75"] = float(np.mean(ious)), float(np.mean([v > 0.75 for v in ious]))
     templates = {}
     for i in range(4 * n):
-        q, a = reading(rng, i, 0.0)
-        name = _template(q)
-        templates.setdefault(name, []).append((q, a))
-    for name, qa in sorted(templates.items()):
-        said = greedy([], [q for q, _ in qa], 12)
-        out[f"reading: {name}"] = float(np.mean([s.strip() == a for s, (_, a) in zip(said, qa)]))
+        q, r, a = reading(rng, i, 0.0)
+        templates.setdefault(_template(q), []).append((q, r, a))
+    for name, qra in sorted(templates.items()):
+        said = greedy([], [q for q, _, _ in qra], 12, [r for _, r, _ in qra])
+        out[f"reading: {name}"] = float(np.mean([s.strip() == a.strip() for s, (_, _, a) in zip(said, qra)]))
     model.train()
     return out
 
 
 def _template(question):
     """A reading exercise's template, named by the question's first words."""
-    q = question.split("\n")[-1]
+    q = question
     for name in ("Which region contains", "What abnormality is seen", "Which of these regions", "Where is the",
                  "Is the cardiac silhouette", "Is there"):
         if q.startswith(name):
@@ -370,9 +377,8 @@ def main(cfg):
             batch = chat(processor, [f[0] for f in picked], [q for q, _ in qa], [a for _, a in qa], device)
         else:                                                           # text: reading, with the curriculum
             one = max(0.0, 1.0 - step / max(1.0, cfg.curriculum * cfg.steps))
-            qa = [reading(rng, lookup_index(rng) if rng.random() < cfg.lookup_share else int(rng.integers(10 ** 9)),
-                          one) for _ in range(cfg.batch_size)]
-            batch = chat(processor, [], [q for q, _ in qa], [a for _, a in qa], device)
+            qra = [reading(rng, reading_index(rng, cfg.choice_share), one) for _ in range(cfg.batch_size)]
+            batch = chat(processor, [], [q for q, _, _ in qra], [a for _, _, a in qra], device, [r for _, r, _ in qra])
         loss = answer_nll(model, batch)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

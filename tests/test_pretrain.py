@@ -32,8 +32,8 @@ def test_pretraining_never_writes_a_thinkvg_trace():
     rng = np.random.default_rng(0)
     pool = pretrain.films(40, 0)
     for i in range(400):
-        question, answer = pretrain.reading(rng, i, 0.5)
-        assert not reward.BOX.search(question + answer) and "<" not in question + answer
+        question, reasoning, answer = pretrain.reading(rng, i, 0.5)
+        assert not reward.BOX.search(question + reasoning + answer) and "<" not in question + reasoning + answer
         request, said = pretrain.image_task(rng, pool[i % 40])
         assert "<" not in request + said
         boxes = reward.BOX.findall(said)
