@@ -18,13 +18,15 @@ Conventions (GEMeX): boxes are integer pixels [x1, y1, x2, y2] of the image the 
 image's LEFT.
 """
 import argparse
-import hashlib
 import math
 from collections import Counter
 from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image, ImageFilter
+
+from gemex import (GEMEX_FRAME, GEMEX_HUB_ID, QUESTION_TYPES, _features, _source_hash,  # noqa: F401
+                   format_box, load_gemex, rescale_box)
 
 # ----------------------------------------------------------------------------- config
 @dataclass
@@ -35,10 +37,6 @@ class DataConfig:
     n_val: int = 500        # samples in the validation split
     n_test: int = 1000      # samples in the test split
 
-GEMEX_FRAME = 224  # the frame in which real GEMeX boxes are written
-GEMEX_HUB_ID = "BoKelvin/GEMeX-ThinkVG"  # the real data, read by gemex.py
-QUESTION_TYPES = ["open_ended_questions", "closed_ended_questions",
-                  "single_choice_questions", "multi_choice_questions"]
 SPLITS = {"train": 0, "validation": 1, "test": 2}  # the split id goes into the seed: no shared images
 STREAMS = {**SPLITS, "pretrain": 3}               # + pretrain.py's films and texts: never a split's
 
@@ -65,23 +63,6 @@ NO_FINDING = "none"  # the open-ended answer for a region with nothing in it
 
 
 # ----------------------------------------------------------------------------- boxes
-def rescale_box(box, src_size, dst_size):
-    """THE one place where a box changes frame: [x1,y1,x2,y2] in a src (w, h) image -> dst (w, h).
-
-    Real GEMeX boxes are written in a 224x224 frame; the model may see another size. Training,
-    reward and evaluation all call this, so boxes are never compared across frames. Coordinates
-    are clamped into the destination frame (some GEMeX boxes overshoot the image by a pixel).
-    """
-    sx, sy = dst_size[0] / src_size[0], dst_size[1] / src_size[1]
-    x1, y1, x2, y2 = box
-    out = [round(x1 * sx), round(y1 * sy), round(x2 * sx), round(y2 * sy)]
-    return [min(max(v, 0), dst_size[i % 2]) for i, v in enumerate(out)]
-
-
-def format_box(box):
-    return "[" + ", ".join(str(int(v)) for v in box) + "]"
-
-
 def _mask_box(mask):
     """Tight integer box of a boolean mask, x2/y2 exclusive."""
     ys, xs = np.nonzero(mask)
@@ -306,22 +287,6 @@ def ask(rng, qtype, variant, findings, say):
 
 
 # ----------------------------------------------------------------------------- datasets container
-def _features(*extra):
-    """The `datasets` schema of a sample, synthetic or real: the GEMeX columns + the decoded image
-    (+ any `extra` string columns)."""
-    import datasets
-    text = datasets.Value("string")
-    return datasets.Features({"image_path": text, "image": datasets.Image(), "question": text,
-                              "question_type": text, "response": text, **{k: text for k in extra}})
-
-
-def _source_hash(file=__file__):
-    """A hash of this file (or another source file), put in the loaders' gen_kwargs: `datasets`
-    fingerprints the arguments, not the code they call, so without it an edit here would be
-    served a stale cache."""
-    return hashlib.sha1(open(file, "rb").read()).hexdigest()
-
-
 def _generate(split, n, seed, frame, source_hash):
     # source_hash is unused here: it is only there to key the cache (see _source_hash)
     for i in range(n):
@@ -346,7 +311,7 @@ def load_synthetic(split="train", n=None, cfg=DataConfig(), cache_dir=None):
         ds = datasets.Dataset.from_generator(
             _generate, features=_features(), split=datasets.NamedSplit(split),
             gen_kwargs={"split": split, "n": n, "seed": cfg.seed, "frame": cfg.frame,
-                        "source_hash": _source_hash()},
+                        "source_hash": _source_hash(__file__)},
             cache_dir=cache_dir)
     finally:
         if was:
@@ -374,7 +339,6 @@ def load(split, n=None, flags=DataFlags(), frame=None):
     the side GEMeX films are resized to; the synthetic set is drawn at its own DataConfig.frame,
     which every Qwen processor keeps as it is (build_prompts asserts that it does)."""
     if flags.data == "gemex":
-        from gemex import load_gemex          # imported here: gemex.py builds on this file
         return load_gemex(split, n, flags.data_path, flags.image_root, frame or GEMEX_FRAME)
     return load_synthetic(split, n)
 

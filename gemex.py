@@ -1,12 +1,15 @@
-"""gemex.py -- the real data: BoKelvin/GEMeX-ThinkVG, in the same columns as data.py's synthetic set.
+"""gemex.py -- the GEMeX schema, and the real data: BoKelvin/GEMeX-ThinkVG in those columns.
 
 GEMeX-ThinkVG is one parquet (image_path with a leading '/', question, question_type, response)
 over MIMIC-CXR-JPG films, which need a credentialed PhysioNet account and live on your disk.
-This file turns it into what every script reads (data.load(..., DataFlags(data="gemex"))):
+This file holds what both data sets share (the columns, the four question types, the 224-px
+frame of GEMeX's boxes and the one function that moves a box out of it; data.py draws its
+synthetic set in the same schema) and turns the real parquet into what every script reads
+(data.load(..., DataFlags(data="gemex"))):
 
   - split by IMAGE (a hash of its path), so no test film is ever trained on;
   - every film decoded once, grayscale, squashed to the square frame the model sees;
-  - every box moved from GEMeX's 224x224 frame into that frame (data.rescale_box, the one place);
+  - every box moved from GEMeX's 224x224 frame into that frame (rescale_box, the one place);
   - rows that cannot be used skipped, counted and named, never a traceback.
 
     python tests/test_gemex.py /tmp/fx   # writes a fixture parquet + films in the real schema
@@ -20,8 +23,47 @@ from collections import Counter
 
 from PIL import Image
 
-from data import GEMEX_FRAME, GEMEX_HUB_ID, QUESTION_TYPES, _features, _source_hash, format_box, rescale_box
+import reward
 from reward import BOX, letters, parse
+
+GEMEX_FRAME = 224  # the frame in which real GEMeX boxes are written
+GEMEX_HUB_ID = "BoKelvin/GEMeX-ThinkVG"  # the real data on the Hub
+QUESTION_TYPES = ["open_ended_questions", "closed_ended_questions",
+                  "single_choice_questions", "multi_choice_questions"]
+
+def rescale_box(box, src_size, dst_size):
+    """THE one place where a box changes frame: [x1,y1,x2,y2] in a src (w, h) image -> dst (w, h).
+
+    Real GEMeX boxes are written in a 224x224 frame; the model may see another size. Training,
+    reward and evaluation all call this, so boxes are never compared across frames. Coordinates
+    are clamped into the destination frame (some GEMeX boxes overshoot the image by a pixel).
+    """
+    sx, sy = dst_size[0] / src_size[0], dst_size[1] / src_size[1]
+    x1, y1, x2, y2 = box
+    out = [round(x1 * sx), round(y1 * sy), round(x2 * sx), round(y2 * sy)]
+    return [min(max(v, 0), dst_size[i % 2]) for i, v in enumerate(out)]
+
+
+def format_box(box):
+    return "[" + ", ".join(str(int(v)) for v in box) + "]"
+
+
+def _features(*extra):
+    """The `datasets` schema of a sample, synthetic or real: the GEMeX columns + the decoded image
+    (+ any `extra` string columns)."""
+    import datasets
+    text = datasets.Value("string")
+    return datasets.Features({"image_path": text, "image": datasets.Image(), "question": text,
+                              "question_type": text, "response": text, **{k: text for k in extra}})
+
+
+def _source_hash(file):
+    """A hash of a source file, put in the loaders' gen_kwargs: `datasets` fingerprints the
+    arguments, not the code they call, so without it an edit of the code would be served a
+    stale cache."""
+    return hashlib.sha1(open(file, "rb").read()).hexdigest()
+
+
 
 GEMEX_COLUMNS = ["image_path", "question", "question_type", "response"]
 HELD_OUT = {"validation": (0.00, 0.02), "test": (0.02, 0.07)}  # hash ranges of IMAGES; the rest is train
@@ -147,7 +189,7 @@ def load_gemex(split, n=None, path=GEMEX_HUB_ID, image_root="", frame=GEMEX_FRAM
         _generate_gemex, features=_features("skip"), split=datasets.NamedSplit(split), cache_dir=cache_dir,
         gen_kwargs={"path": os.path.abspath(path) if os.path.exists(path) else path,
                     "image_root": os.path.abspath(image_root), "split": split, "frame": frame,
-                    "fingerprint": f"{stamp}-{_source_hash()}-{_source_hash(__file__)}"})   # data.py's code, and ours
+                    "fingerprint": f"{stamp}-{_source_hash(__file__)}-{_source_hash(reward.__file__)}"})   # the code
     skip = ds["skip"]                                   # read once: counts, examples and the kept rows
     skips = Counter(skip)
     kept = skips.pop("", 0)

@@ -310,6 +310,12 @@ def card(model, processor, seed, n, device):
     ious = [reward.iou(reward.parse(f"<think>x {s}</think>").boxes[0][1], f[1][r])
             if reward.parse(f"<think>x {s}</think>").boxes else 0.0 for s, r, f in zip(said, regions, held)]
     out["box IoU"], out["box IoU > 0.75"] = float(np.mean(ious)), float(np.mean([v > 0.75 for v in ious]))
+    # Zero-shot on the ThinkVG prompt (the task's system prompt, a film, a question): the base has
+    # never seen a trace, so it should not write one (expected ~0; stage 1 teaches the format).
+    questions = [reading(rng, i, 0.0)[0] for i in range(n)]
+    prompt = M.build_prompts(processor, images, questions)
+    said = _greedy(model, processor, prompt, 64)
+    out["ThinkVG format, zero-shot"] = float(np.mean([reward.parse(s).well_formed for s in said]))
     templates = {}
     for i in range(4 * n):
         q, r, a = reading(rng, i, 0.0)
@@ -392,9 +398,51 @@ def main(cfg):
     for k, v in measured.items():
         print(f"  {k:<48} {v:.3f}")
     run.save(model, processor, cfg.out)
-    json.dump({"config": asdict(cfg), "minutes": round(minutes, 1), "card": measured},
-              open(os.path.join(cfg.out, "pretrain.json"), "w"), indent=2)
+    record = {"config": asdict(cfg), "minutes": round(minutes, 1), "card": measured, "made": provenance(),
+              "parameters": f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M"}
+    json.dump(record, open(os.path.join(cfg.out, "pretrain.json"), "w"), indent=2)
+    write_card(cfg.out, record)
     print(f"wrote {cfg.out} after {minutes:.1f} min")
+
+
+def provenance():
+    """Where the base was made: the commit, the processor, the threads."""
+    import platform
+    import subprocess
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                            cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip()
+    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
+               platform.processor()) if os.path.exists("/proc/cpuinfo") else platform.processor()
+    return {"commit": commit, "machine": f"{os.cpu_count()} x {cpu}", "threads": torch.get_num_threads(),
+            "date": time.strftime("%Y-%m-%d")}
+
+
+def write_card(out, record):
+    """The base's README: how it was made and what it knows (its held-out card)."""
+    card, made = record["card"], record["made"]
+    rows = "\n".join(f"| {k} | {v:.3f} |" for k, v in card.items())
+    open(os.path.join(out, "README.md"), "w").write(f"""# {BASE}: the tiny pretrained base
+
+A Qwen2.5-VL (transformers' `Qwen2_5_VLForConditionalGeneration`, the real architecture) at
+{record.get("parameters", "~1.8M")} parameters, pretrained by `python pretrain.py` as a VLM is pretrained: it
+sees (describes a chest film and each region of it), writes a region's box when asked (absolute
+pixels), and reads (answers a question from a written reasoning, the option-letter lookup
+included). It has never seen a ThinkVG trace nor an image of the train, validation or test
+splits. `python sft.py` starts from it, as `--model Qwen/Qwen2.5-VL-3B-Instruct` starts from
+the real one. Load it like any checkpoint: `model.load("{BASE}")` or `from_pretrained`.
+
+Made by `python pretrain.py` at commit {made["commit"]} on {made["machine"]} ({made["threads"]} threads),
+{made["date"]}, in {record["minutes"]} minutes.
+
+What it knows, held out (new films and questions, greedy, the whole answer exact unless said):
+
+| measurement | value |
+| --- | --- |
+{rows}
+
+"reading: X" is the share of reading exercises of template X answered right from their written
+reasoning; "Which region contains" names two regions and four lettered options.
+""")
 
 
 if __name__ == "__main__":

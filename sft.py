@@ -43,7 +43,7 @@ import run
 COLD_START_TRACES = 1000   # the default: the traces of one eighth of the 8,000 synthetic training images
 
 # Inherited flags: --data, --data-path, --image-root (data.DataFlags) and --dtype, --max-pixels,
-# --freeze-vision, --grad-checkpointing, --lora-* (model.MemoryFlags).
+# --freeze-vision, --grad-checkpointing, --lora-* (run.MemoryFlags).
 @dataclass
 class SFTConfig(run.MemoryFlags, data.DataFlags):
     model: str = "tiny-qwen2.5-vl-cxr"  # the pretrained model: the shipped tiny base, a Qwen2(.5)-VL Hub id or a directory

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import data
+import credit
 import grpo
 import pretrain
 import model as M
@@ -50,14 +51,14 @@ def _tokens(tok, texts):
 def test_span_credit_by_hand():
     # one group of 2: completion 0 has the right answer but a loose box, completion 1 the reverse
     tok = pretrain.build_tokenizer()
-    is_digit = grpo.digit_tokens(grpo.token_pieces(tok, len(tok) + 3))    # + 3 ids past the tokenizer
+    is_digit = credit.digit_tokens(credit.token_pieces(tok, len(tok) + 3))    # + 3 ids past the tokenizer
     assert is_digit.shape == (len(tok) + 3,) and is_digit.sum() == 10
     assert all(is_digit[tok.convert_tokens_to_ids(str(d))] for d in range(10))
     ids = torch.tensor([tok("[1, 2] yes")["input_ids"], tok("[3, 4] no")["input_ids"]])   # 8 tokens each
     scores = [{"format": 1, "answer": 1, "grounding": 0, "iou": 0.2},
               {"format": 1, "answer": 0, "grounding": 1, "iou": 0.9}]
     w = {"format": 0.25, "answer": 1.0, "grounding": 1.0, "iou": 0.5}
-    a = grpo.span_advantages(scores, ids, is_digit, w, 2, "none")
+    a = credit.span_advantages(grpo.advantages, scores, ids, is_digit, w, 2, "none")
     digit = is_digit[ids]
     # text reward 1.25 vs 0.25 -> +-0.5; box reward 0.1 vs 1.45 -> -+0.675
     assert torch.allclose(a[digit], torch.tensor([-0.675, -0.675, 0.675, 0.675]))
@@ -74,8 +75,9 @@ def _coord(texts, ref, scores, w, norm, G=None):
     a function giving the token positions of a substring of completion i)."""
     tok = pretrain.build_tokenizer()
     ids, lengths = _tokens(tok, texts)
-    pieces = grpo.token_pieces(tok, len(tok))
-    a = grpo.coord_advantages(scores, texts, [ref], ids, lengths, pieces, w, G or len(texts), norm)
+    pieces = credit.token_pieces(tok, len(tok))
+    a = credit.coord_advantages(grpo.advantages, scores, texts, [ref], ids, lengths, pieces, w,
+                                G or len(texts), norm)
 
     def at(i, sub, nth=0):                   # token positions covering the nth occurrence of sub
         s = -1
@@ -125,8 +127,8 @@ def test_coordinate_credit_by_hand(norm):
     assert torch.allclose(a[0, at(0, "is clear.")], torch.tensor(t), atol=1e-3)     # every other token: the text's
     # text that does not match its tokens (here one number too few): no box credit in that row
     tok = pretrain.build_tokenizer()
-    b = grpo.coord_advantages(scores, [texts[0], texts[1][:40]], [REF1], ids, _tokens(tok, texts)[1],
-                              grpo.token_pieces(tok, len(tok)), W, 2, norm)
+    b = credit.coord_advantages(grpo.advantages, scores, [texts[0], texts[1][:40]], [REF1], ids,
+                                _tokens(tok, texts)[1], credit.token_pieces(tok, len(tok)), W, 2, norm)
     assert torch.allclose(b[1], torch.tensor(-t), atol=1e-3)
 
 
@@ -213,8 +215,11 @@ def test_coordinate_credit_is_matched_by_geometry_not_wording(style):
 
 # ----------------------------------------------------------------------------- the clipped loss
 def _loss(logp, old, adv, mask, ref=None, **kw):
+    """grpo.py's loss for one micro-batch that is the whole rollout: (loss, diagnostics)."""
     cfg = replace(CFG, **kw)
-    return grpo.policy_loss(logp, old, adv, mask, cfg, grpo.loss_normaliser(mask, cfg), ref)
+    a = adv if adv.dim() == 2 else adv.unsqueeze(1)
+    loss = grpo.aggregate(grpo.per_token_loss(logp, old, ref, a, cfg), mask, cfg, grpo.loss_denominator(mask, cfg))
+    return loss, grpo.diagnostics(logp, old, ref, a, mask, cfg)
 
 
 def test_loss_at_ratio_one_is_minus_mean_advantage_and_gradient_is_not_zero():
@@ -347,14 +352,14 @@ def test_grpo_smoke_then_evaluate(tmp_path):
     assert [x["step"] for x in lines] == [1, 2]
     for key in ("reward_format", "reward_answer", "reward_grounding", "reward_iou", "reward_std", "zero_std_groups",
                 "length_mean", "length_max", "truncated", "kl_ref", "kl_old", "clip_low", "clip_high", "entropy",
-                "grad_norm", "lr", "time_generate", "time_score", "time_reference", "time_train"):
+                "grad_norm", "lr", "time_generate", "time_score", "time_ref", "time_train"):
         assert key in lines[-1], key
     assert "val_answer" in lines[-1]
     # the benchmark line: mean seconds per step (the first is warm-up) and its split, which adds up
     line = next(x for x in r.stdout.splitlines() if x.startswith("seconds per step over steps 2-2:"))
     total, parts = float(line.split(": ")[1].split(" = ")[0]), [float(w) for w in line.split() if w[0].isdigit() and "." in w]
     assert total == pytest.approx(sum(parts[1:]), abs=0.03) and total == pytest.approx(sum(
-        lines[1][f"time_{k}"] for k in ("generate", "score", "reference", "train")), abs=0.01)
+        lines[1][f"time_{k}"] for k in ("generate", "score", "ref", "train")), abs=0.01)
     assert all(math.isfinite(v) for x in lines for v in x.values())
     model, _ = M.load(str(out))                                   # saved with save_pretrained
     before, _ = M.load(str(init))

@@ -14,6 +14,7 @@ from PIL import Image
 
 import data
 import gemex
+import credit
 import grpo
 import pretrain
 import model as M
@@ -68,8 +69,8 @@ def test_the_sampler_never_draws_past_the_tokenizer_nor_a_special_token(lookalik
     old = M.sample(model, proc, images, questions, 8, 12)["completion_ids"]
     assert (old >= Q.N_TOKENS).sum() > 10
     # and a table grpo.py indexes by token id covers every row of the embedding
-    pieces = grpo.token_pieces(proc.tokenizer, Q.VOCAB)
-    assert len(pieces) == Q.VOCAB and grpo.digit_tokens(pieces)[old].shape == old.shape
+    pieces = credit.token_pieces(proc.tokenizer, Q.VOCAB)
+    assert len(pieces) == Q.VOCAB and credit.digit_tokens(pieces)[old].shape == old.shape
 
 
 def test_lora_bf16_checkpointed_sft_then_grpo_with_a_reference_then_evaluate(lookalike, tmp_path):

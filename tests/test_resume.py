@@ -17,7 +17,7 @@ import run
 
 SFT = ["sft.py", "--max-steps", "10", "--batch-size", "4", "--train-size", "24", "--eval-every", "0",
        "--eval-n", "2", "--save-every", "2", "--keep", "2"]
-TIMING = {"elapsed_s", "time_generate", "time_score", "time_reference", "time_train"}
+TIMING = {"elapsed_s", "time_generate", "time_score", "time_ref", "time_train"}
 
 
 def _run(args, out, **kw):

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import data
+import credit
 import grpo
 import pretrain
 import model as M
@@ -59,8 +60,8 @@ TEXTS = [REF,
          "<think>The right lower lung zone [20, 70, 50, 95] is clear.</think><answer>none</answer>"]
 
 
-@pytest.mark.parametrize("credit", ["sequence", "span", "coord"])
-def test_the_page_shows_each_token_with_the_advantage_grpo_computed(credit, tmp_path):
+@pytest.mark.parametrize("mode", ["sequence", "span", "coord"])
+def test_the_page_shows_each_token_with_the_advantage_grpo_computed(mode, tmp_path):
     tok = pretrain.build_tokenizer()
     rows = [tok(t, add_special_tokens=False)["input_ids"] for t in TEXTS]
     T = max(map(len, rows))
@@ -70,13 +71,14 @@ def test_the_page_shows_each_token_with_the_advantage_grpo_computed(credit, tmp_
     roll = {"group_size": 3, "completion_ids": ids, "completion_mask": (torch.arange(T) < lengths[:, None]).float(),
             "texts": TEXTS, "truncated": torch.tensor([False, False, True])}
     scores = [reward.score(t, REF, "open_ended_questions") for t in TEXTS]
-    pieces = grpo.token_pieces(tok, len(tok))
-    cfg = grpo.GRPOConfig(credit=credit)
-    adv = (grpo.advantages(torch.tensor([s["total"] for s in scores]), 3, cfg.adv_norm) if credit == "sequence" else
-           grpo.token_advantages(cfg, scores, roll, [REF], pieces, grpo.digit_tokens(pieces), reward.DEFAULT_WEIGHTS, 3))
+    pieces = credit.token_pieces(tok, len(tok))
+    cfg = grpo.GRPOConfig(credit=mode)
+    adv = (grpo.advantages(torch.tensor([s["total"] for s in scores]), 3, cfg.adv_norm) if mode == "sequence" else
+           credit.token_advantages(grpo.advantages, cfg, scores, roll, [REF], pieces,
+                                   credit.digit_tokens(pieces), reward.DEFAULT_WEIGHTS))
     rows_ = {"image": [sample["image"]], "question": ["Where is the nodule?"], "question_type": ["open_ended_questions"],
              "response": [REF]}
-    record = rollouts.step_record(50, credit, roll, rows_, scores, adv, lengths, pieces)
+    record = rollouts.step_record(50, mode, roll, rows_, scores, adv, lengths, pieces)
     path = rollouts.write_step(str(tmp_path), 50, record, 50)
     page = Page(open(path).read())
     assert len(page.completions) == 3
@@ -93,7 +95,7 @@ def test_the_page_shows_each_token_with_the_advantage_grpo_computed(credit, tmp_
     assert page.rects == ["box ref", "box c0", "box c1", "box c1", "box c2"]
     assert json.load(open(path[:-5] + ".json"))["prompts"][0]["completions"][1]["advantages"] == \
         pytest.approx(adv[1, :lengths[1]].tolist() if adv.dim() == 2 else [float(adv[1])] * int(lengths[1]))
-    if credit == "sequence":                # one colour per completion; span/coord paint tokens apart
+    if mode == "sequence":                # one colour per completion; span/coord paint tokens apart
         assert len({t for t, _ in page.completions[1]["spans"]}) == 1
     else:
         assert len({t for t, _ in page.completions[1]["spans"]}) > 1
