@@ -31,13 +31,14 @@ from gemex import (GEMEX_FRAME, GEMEX_HUB_ID, QUESTION_TYPES, _features, _source
 # ----------------------------------------------------------------------------- config
 @dataclass
 class DataConfig:
-    frame: int = 112        # synthetic image side in pixels (GEMeX uses 224; half is 4x cheaper on CPU)
+    frame: int = 112  # synthetic image side in pixels (GEMeX uses 224; half is 4x cheaper on CPU)
     seed: int = 0           # master seed: same seed, same dataset, bit for bit
     n_train: int = 8000     # samples (= images) in the train split
     n_val: int = 500        # samples in the validation split
     n_test: int = 1000      # samples in the test split
 
-SPLITS = {"train": 0, "validation": 1, "test": 2}  # the split id goes into the seed: no shared images
+SPLITS = {"train": 0, "validation": 1,
+          "test": 2}  # the split id goes into the seed: no shared images
 STREAMS = {**SPLITS, "pretrain": 3}               # + pretrain.py's films and texts: never a split's
 
 # Chest ImaGenome-style anatomical regions. "right"/"left" are the patient's.
@@ -52,7 +53,8 @@ FINDINGS = {
     "nodule":           (LUNG_ZONES, "a small round opacity"),
     "mass":             (LUNG_ZONES, "a large dense opacity"),
     "consolidation":    ([r for r in LUNG_ZONES if "upper" not in r], "patchy airspace opacity"),
-    "pneumothorax":     ([r for r in LUNG_ZONES if "upper" in r], "a dark rim without lung markings"),
+    "pneumothorax":     ([r for r in LUNG_ZONES if "upper" in r],
+                         "a dark rim without lung markings"),
     "pleural effusion": (REGIONS[6:8], "fluid blunting the angle"),
     "cardiomegaly":     (["cardiac silhouette"], "an enlarged heart outline"),
 }
@@ -105,11 +107,13 @@ def draw_radiograph(rng, frame, findings):
         lungs[side], shape[side] = lung, rr
         v0, v1 = V[lung].min(), V[lung].max()                      # zones = thirds of lung height
         for i, name in enumerate(("upper", "mid", "lower")):
-            zones[f"{side} {name} lung zone"] = lung & (V >= v0 + i * (v1 - v0) / 3) & (V <= v0 + (i + 1) * (v1 - v0) / 3)
-        lateral = (cu - U) if side == "right" else (U - cu)            # > 0 towards this lung's outer wall
+            top, bottom = v0 + i * (v1 - v0) / 3, v0 + (i + 1) * (v1 - v0) / 3
+            zones[f"{side} {name} lung zone"] = lung & (V >= top) & (V <= bottom)
+        lateral = (cu - U) if side == "right" else (U - cu)  # > 0 towards this lung's outer wall
         j = np.argmax(np.where(lung, V + 0.6 * lateral, -9))           # the lateral-inferior corner
         cu_cp = U.flat[j] + (0.03 if side == "right" else -0.03)
-        cps[f"{side} costophrenic angle"] = body & (np.abs(U - cu_cp) < 0.075) & (np.abs(V - V.flat[j] + 0.02) < 0.075)
+        near = (np.abs(U - cu_cp) < 0.075) & (np.abs(V - V.flat[j] + 0.02) < 0.075)
+        cps[f"{side} costophrenic angle"] = body & near
     masks = {**zones, **cps, "cardiac silhouette": heart,
              "upper mediastinum": mediast & (V < 0.45)}
     boxes = {name: _mask_box(m) for name, m in masks.items()}
@@ -143,11 +147,11 @@ def draw_radiograph(rng, frame, findings):
         elif kind == "consolidation":
             patch = (_smooth_noise(rng, frame, 10) > -0.1) & m
             img = np.where(patch, img + 0.5, img)
-        elif kind == "pleural effusion":                       # fluid fills the base, meniscus rises laterally
+        elif kind == "pleural effusion":  # fluid fills the base, meniscus rises laterally
             lung = lungs[side]
             level = V[lung].max() - rng.uniform(0.09, 0.15) - 0.08 * np.abs(U - 0.5) / 0.35
             img = np.where(lung & (V > level), 0.66, img)
-        elif kind == "pneumothorax":                           # air rim at the apex/lateral wall, no markings
+        elif kind == "pneumothorax":  # air rim at the apex/lateral wall, no markings
             lung, d = lungs[side], rng.uniform(0.24, 0.375)
             rim = lung & (shape[side] > (1 - d) ** 2) & (V < V[m].max() + 0.08)
             line = lung & (shape[side] > (1 - d - 0.04) ** 2) & ~rim & (V < V[m].max() + 0.08)
@@ -174,9 +178,9 @@ def _smooth_noise(rng, frame, cells):
     return np.asarray(coarse.resize((frame, frame), Image.BILINEAR)) / 1.5
 
 
-# ----------------------------------------------------------------------------- questions and ThinkVG traces
+# --------------------------------------------------------------------- questions and ThinkVG traces
 def sample_findings(rng, min_n=0):
-    """0-2 findings, each in its own region; never two on one lung base (effusion hides the zone)."""
+    """0-2 findings, each in its own region; never two on one lung base (effusion hides a zone)."""
     n = max(min_n, int(rng.choice([0, 1, 2], p=[0.3, 0.45, 0.25])))
     out, used = [], set()
     for kind in rng.permutation(list(FINDINGS))[:n]:
@@ -212,7 +216,7 @@ def _lettered(opts):
 
 
 def make_sample(split, index, seed=0, frame=112):
-    """Sample `index` of `split`: its own image, one question, a ThinkVG response. Pure in its args."""
+    """Sample `index` of `split`: its image, one question, a ThinkVG response. Pure in its args."""
     rng = np.random.default_rng([seed, STREAMS[split], index])
     qtype, variant, findings = _header(rng, index)
     pixels, boxes = draw_radiograph(rng, frame, findings)
@@ -230,8 +234,10 @@ def _header(rng, index):
     needs_finding = qtype in ("open_ended_questions", "multi_choice_questions") or (
         qtype in ("closed_ended_questions", "single_choice_questions") and variant)
     findings = sample_findings(rng, min_n=int(needs_finding))
-    if variant and qtype in ("open_ended_questions", "single_choice_questions"):  # "where is the X?"
-        findings = [f for f in findings if f[0] != "cardiomegaly"] or [("nodule", LUNG_ZONES[rng.integers(6)])]
+    if variant and qtype in ("open_ended_questions",
+                             "single_choice_questions"):  # "where is the X?"
+        findings = ([f for f in findings if f[0] != "cardiomegaly"]
+                    or [("nodule", LUNG_ZONES[rng.integers(6)])])
     return qtype, variant, findings
 
 
@@ -256,8 +262,9 @@ def ask(rng, qtype, variant, findings, say):
             kind, region = findings[rng.integers(len(findings))]
             q, answer = f"Where is the {kind}?", region
         else:                                         # what is there? -> a finding name or "none"
+            # a finding's region, else mostly a clear one: "none"
             region = (findings[rng.integers(len(findings))][1] if rng.random() < 0.6
-                      else REGIONS[rng.integers(len(REGIONS))])  # else mostly a clear region: "none"
+                      else REGIONS[rng.integers(len(REGIONS))])
             q, answer = f"What abnormality is seen in the {region}?", at.get(region, NO_FINDING)
         think = [say(region)]
     elif qtype == "single_choice_questions":
@@ -280,7 +287,8 @@ def ask(rng, qtype, variant, findings, say):
         normal = [r for r in REGIONS if r not in at]
         pick = [normal[i] for i in rng.permutation(len(normal))[: 4 - len(abnormal)]]
         opts = _options(rng, abnormal + pick, [])
-        q = f"Which of these regions {'are abnormal' if ask_abnormal else 'appear normal'}? {_lettered(opts)}"
+        state = "are abnormal" if ask_abnormal else "appear normal"
+        q = f"Which of these regions {state}? {_lettered(opts)}"
         think = [say(r) for r in opts]
         answer = ", ".join(l for l, r in zip("ABCD", opts) if (r in at) == ask_abnormal)
     return q, think, answer
@@ -323,7 +331,7 @@ def load_synthetic(split="train", n=None, cfg=DataConfig(), cache_dir=None):
 @dataclass
 class DataFlags:
     """The data flags of sft.py, grpo.py and evaluate.py: their configs inherit these fields."""
-    data: str = "synthetic"        # 'synthetic' (data.py draws it) or 'gemex' (the real GEMeX-ThinkVG parquet)
+    data: str = "synthetic"        # 'synthetic' (drawn by data.py) or 'gemex' (the GEMeX parquet)
     data_path: str = GEMEX_HUB_ID  # --data gemex: the parquet file (or the Hub id when online)
     image_root: str = ""           # --data gemex: the local MIMIC-CXR-JPG files/ directory
 
@@ -343,7 +351,7 @@ def load(split, n=None, flags=DataFlags(), frame=None):
     return load_synthetic(split, n)
 
 
-# ----------------------------------------------------------------------------- preview and statistics
+# --------------------------------------------------------------------------- preview and statistics
 COLOURS = ["#ff4040", "#40c0ff", "#ffd040", "#60ff60"]
 
 
@@ -354,7 +362,8 @@ def draw_boxes(image, boxes, colours, scale=3, labels=None):
     d = ImageDraw.Draw(img)
     for i, b in enumerate(boxes):
         c = colours[i % len(colours)]
-        d.rectangle([b[0] * scale, b[1] * scale, b[2] * scale - 1, b[3] * scale - 1], outline=c, width=2)
+        d.rectangle([b[0] * scale, b[1] * scale, b[2] * scale - 1, b[3] * scale - 1], outline=c,
+                    width=2)
         if labels:
             d.text((b[0] * scale + 3, b[1] * scale + 2), labels[i], fill=c)
     return img
@@ -371,12 +380,14 @@ def preview(path="preview.png", n=8, cfg=DataConfig()):
     for i in range(n):
         s = make_sample("train", i, cfg.seed, cfg.frame)
         p = parse(s["response"])
-        img = draw_boxes(s["image"], [b for _, b in p.boxes], COLOURS, labels=[r for r, _ in p.boxes])
+        img = draw_boxes(s["image"], [b for _, b in p.boxes], COLOURS,
+                         labels=[r for r, _ in p.boxes])
         x, y = (i % cols) * tile, (i // cols) * (tile + text_h)
         sheet.paste(img, (x, y))
         lines = textwrap.wrap(f"[{s['question_type'].split('_')[0]}] {s['question']}", 52)
         lines += textwrap.wrap(f"answer: {p.answer}", 52)
-        ImageDraw.Draw(sheet).multiline_text((x + 4, y + tile + 4), "\n".join(lines[:9]), fill="black")
+        ImageDraw.Draw(sheet).multiline_text((x + 4, y + tile + 4), "\n".join(lines[:9]),
+                                             fill="black")
     sheet.save(path)
     print(f"wrote {path} ({n} samples)")
 
@@ -403,7 +414,8 @@ def stats(split="train", n=2000, cfg=DataConfig()):
 
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--preview", nargs="?", const="preview.png", help="write a PNG grid of samples to this path")
+    ap.add_argument("--preview", nargs="?", const="preview.png",
+                    help="write a PNG grid of samples to this path")
     ap.add_argument("--stats", action="store_true", help="print the synthetic set's statistics")
     ap.add_argument("--n", type=int, default=2000, help="samples to count with --stats")
     ap.add_argument("--seed", type=int, default=DataConfig.seed, help="dataset seed")

@@ -66,14 +66,16 @@ def _source_hash(file):
 
 
 GEMEX_COLUMNS = ["image_path", "question", "question_type", "response"]
-HELD_OUT = {"validation": (0.00, 0.02), "test": (0.02, 0.07)}  # hash ranges of IMAGES; the rest is train
+HELD_OUT = {"validation": (0.00, 0.02),
+            "test": (0.02, 0.07)}  # hash ranges of IMAGES; the rest is train
 
 
 def split_of(image_path):
     """'train' / 'validation' / 'test' from a hash of the image path. GEMeX ships one train split;
     cutting by image (never by row) keeps every question about an image in one split, so a test
     question never shares its image with a training question. Stable across machines and runs."""
-    rel = image_path.lstrip("/")          # '/p10/...', 'p10/...' (GEMeX v1) and 'files/p10/...' are one image
+    # '/p10/...', 'p10/...' (GEMeX v1) and 'files/p10/...' are one image
+    rel = image_path.lstrip("/")
     rel = rel[len("files/"):] if rel.startswith("files/") else rel
     u = int(hashlib.sha1(rel.encode()).hexdigest()[:8], 16) / 16 ** 8
     return next((s for s, (lo, hi) in HELD_OUT.items() if lo <= u < hi), "train")
@@ -98,7 +100,8 @@ def convert_response(text, question_type, frame):
     bad = []
 
     def move(m):
-        box = rescale_box([float(v) for v in m.groups()], (GEMEX_FRAME, GEMEX_FRAME), (frame, frame))
+        box = rescale_box([float(v) for v in m.groups()], (GEMEX_FRAME, GEMEX_FRAME),
+                          (frame, frame))
         bad.append(not (box[0] < box[2] and box[1] < box[3]))
         return format_box(box)
     think = " ".join(BOX.sub(move, p.think).split())
@@ -131,22 +134,28 @@ def read_gemex_table(path):
     """The GEMeX parquet as a `datasets.Dataset`: a local file, or the Hub id when online.
     Anything that is not the dataset stops here with one line naming the file."""
     import datasets
-    hub = not os.path.exists(path) and re.fullmatch(r"[\w-]+/[\w.-]+", path) and not path.endswith(".parquet")
+    hub = (not os.path.exists(path) and re.fullmatch(r"[\w-]+/[\w.-]+", path)
+           and not path.endswith(".parquet"))
     if not hub and not os.path.isfile(path):
-        raise SystemExit(f"--data-path {path}: does not exist (give the parquet file, or {GEMEX_HUB_ID} when online)")
+        raise SystemExit(f"--data-path {path}: does not exist (give the parquet file, or "
+                         f"{GEMEX_HUB_ID} when online)")
     datasets.logging.set_verbosity_error()      # our one-line error below says it better
     try:
-        table = datasets.load_dataset(path, split="train") if hub else datasets.Dataset.from_parquet(path)
-    except Exception as e:  # noqa: BLE001 -- pyarrow/datasets raise many types; all mean the same here
-        why = "cannot be fetched from the Hub (offline? pass the downloaded parquet)" if hub else "is not a readable parquet"
-        raise SystemExit(f"--data-path {path}: {why} ({type(e).__name__}: {(str(e).splitlines() or [''])[0][:120]})")
+        table = (datasets.load_dataset(path, split="train") if hub
+                 else datasets.Dataset.from_parquet(path))
+    except Exception as e:  # noqa: BLE001 -- pyarrow/datasets raise many types, all meaning one
+        why = ("cannot be fetched from the Hub (offline? pass the downloaded parquet)" if hub
+               else "is not a readable parquet")
+        raise SystemExit(f"--data-path {path}: {why} ({type(e).__name__}: "
+                         f"{(str(e).splitlines() or [''])[0][:120]})")
     missing = [c for c in GEMEX_COLUMNS if c not in table.column_names]
     if missing:
-        raise SystemExit(f"--data-path {path}: missing column(s) {missing}; GEMeX-ThinkVG has {GEMEX_COLUMNS} "
-                         f"(found {table.column_names[:8]})")
+        raise SystemExit(f"--data-path {path}: missing column(s) {missing}; GEMeX-ThinkVG has "
+                         f"{GEMEX_COLUMNS} (found {table.column_names[:8]})")
     for i, qt in enumerate(table["question_type"]):
         if qt not in QUESTION_TYPES:
-            raise SystemExit(f"--data-path {path}: row {i}: question_type {qt!r} is not one of {QUESTION_TYPES}")
+            raise SystemExit(f"--data-path {path}: row {i}: question_type {qt!r} is not one of "
+                             f"{QUESTION_TYPES}")
     return table
 
 
@@ -178,19 +187,24 @@ def load_gemex(split, n=None, path=GEMEX_HUB_ID, image_root="", frame=GEMEX_FRAM
     by `datasets`; skipped rows are counted and printed (with one example path) on every load."""
     import datasets
     if not os.path.isdir(image_root):
-        raise SystemExit(f"--image-root {image_root!r}: not a directory (the MIMIC-CXR-JPG files/ directory)")
-    if not any(split_of(p) == split for p in read_gemex_table(path)["image_path"]):   # a small file: a course's subset
+        raise SystemExit(f"--image-root {image_root!r}: not a directory (the MIMIC-CXR-JPG files/ "
+                         f"directory)")
+    if not any(split_of(p) == split
+               for p in read_gemex_table(path)["image_path"]):  # a small file: a course's subset
         lo, hi = HELD_OUT.get(split, (max(h for _, h in HELD_OUT.values()), 1.0))
-        print(f"gemex {split}: no image of {path} falls in the {split} split ({hi - lo:.0%} of images, "
-              f"chosen by a hash of the path)")
+        print(f"gemex {split}: no image of {path} falls in the {split} split ({hi - lo:.0%} of "
+              f"images, chosen by a hash of the path)")
         return _empty(split)
     stamp = os.stat(path).st_mtime_ns if os.path.exists(path) else path
     ds = datasets.Dataset.from_generator(
-        _generate_gemex, features=_features("skip"), split=datasets.NamedSplit(split), cache_dir=cache_dir,
+        _generate_gemex, features=_features("skip"), split=datasets.NamedSplit(split),
+        cache_dir=cache_dir,
         gen_kwargs={"path": os.path.abspath(path) if os.path.exists(path) else path,
                     "image_root": os.path.abspath(image_root), "split": split, "frame": frame,
-                    "fingerprint": f"{stamp}-{_source_hash(__file__)}-{_source_hash(reward.__file__)}"})   # the code
-    skip = ds["skip"]                                   # read once: counts, examples and the kept rows
+                    # the file's stamp and the code that reads it
+                    "fingerprint": "-".join([stamp, _source_hash(__file__),
+                                             _source_hash(reward.__file__)])})
+    skip = ds["skip"]  # read once: counts, examples and the kept rows
     skips = Counter(skip)
     kept = skips.pop("", 0)
     if skips:
@@ -198,13 +212,15 @@ def load_gemex(split, n=None, path=GEMEX_HUB_ID, image_root="", frame=GEMEX_FRAM
         print(f"gemex {split}: kept {kept} rows, skipped " + ", ".join(
             f"{c} ({why}, e.g. {first[why]})" for why, c in skips.items()))
     if kept == 0 and split == "train":
-        raise SystemExit(f"--data-path {path}: no usable {split} rows under --image-root {image_root}")
+        raise SystemExit(f"--data-path {path}: no usable {split} rows under --image-root "
+                         f"{image_root}")
     if kept == 0:
         print(f"gemex {split}: no usable rows under --image-root {image_root}")
         return _empty(split)
     ds = ds.select([i for i, why in enumerate(skip) if not why]).remove_columns("skip")
     if n is not None and n > len(ds):
         print(f"gemex {split}: {n} samples asked for, {len(ds)} usable: using all {len(ds)}")
-    elif n is not None and n < len(ds):   # a seeded random subset, in file order (files are often grouped by type)
+    # a seeded random subset, in file order (files are often grouped by type)
+    elif n is not None and n < len(ds):
         ds = ds.select(sorted(random.Random(0).sample(range(len(ds)), n)))
     return ds

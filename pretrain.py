@@ -38,7 +38,8 @@ import numpy as np
 import torch
 from PIL import Image
 from tqdm import tqdm
-from transformers import GenerationConfig, PreTrainedTokenizerFast, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+from transformers import (GenerationConfig, PreTrainedTokenizerFast, Qwen2_5_VLConfig,
+                          Qwen2_5_VLForConditionalGeneration)
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
 import data
@@ -53,28 +54,30 @@ BASE_SYSTEM = "You are a helpful assistant."   # the base's own system prompt (Q
 # ----------------------------------------------------------------------------- config
 @dataclass
 class PretrainConfig:
-    out: str = BASE                # where the base (weights, tokenizer, processor, README) is written
+    out: str = BASE  # where the base (weights, tokenizer, processor, README) is written
     films: int = 20000             # the pretraining films, drawn once from a stream of their own
-    tower_steps: int = 800         # vision warm-up steps (the tower's own heads), before the language phase
+    tower_steps: int = 800         # vision warm-up steps (the tower's own heads), before language
     tower_lr: float = 3e-3         # peak learning rate of the vision warm-up
-    steps: int = 12000             # language-model steps (alternately a batch of films and a batch of text)
+    steps: int = 12000  # language-model steps (alternately a batch of films and a batch of text)
     batch_size: int = 32           # samples per step
     lr: float = 2e-3               # peak learning rate (the vision tower at a tenth of it)
     warmup_steps: int = 200        # linear warm-up, then cosine decay to 10%
-    curriculum: float = 0.3        # share of the steps over which the lookup goes from one statement to two
-    choice_share: float = 0.6      # share of reading samples with lettered options (single and multi choice)
+    curriculum: float = 0.3        # share of the steps taken to go from 1 region named to 2
+    choice_share: float = 0.6      # share of reading samples with lettered options
     eval_n: int = 400              # held-out samples per task for the card
     seed: int = 0                  # seed for the architecture's init, the films and the order
 
 
-# ----------------------------------------------------------------------------- the tokenizer and the architecture
+# --------------------------------------------------------------- the tokenizer and the architecture
 # Text: head_dim = 128 / 4 = 32, so mrope_section (temporal, height, width frequency pairs) must
 # sum to 16. Vision: 14-px patches, 2x2 merged, so a 112-px film is an 8x8 patch grid, 16 tokens.
 TEXT = dict(hidden_size=128, intermediate_size=384, num_hidden_layers=4, num_attention_heads=4,
             num_key_value_heads=2, max_position_embeddings=1024, rms_norm_eps=1e-6,
-            rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [4, 6, 6]})
+            rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
+                             "mrope_section": [4, 6, 6]})
 VISION = dict(depth=3, hidden_size=128, intermediate_size=256, num_heads=4, patch_size=14,
-              spatial_merge_size=2, temporal_patch_size=2, window_size=112, fullatt_block_indexes=[2])
+              spatial_merge_size=2, temporal_patch_size=2, window_size=112,
+              fullatt_block_indexes=[2])
 PIXELS = 112 * 112  # the image processor's budget: every film is seen at 112 x 112
 
 
@@ -89,15 +92,16 @@ def build_tokenizer(vocab_size=1024):
     for i in range(800):
         findings = data.sample_findings(rng)
         at = {r: k for k, r in findings}
-        texts += [report(findings), data.describe(data.REGIONS[i % 10], None, at), *reading(rng, i, 0.5)]
+        texts += [report(findings), data.describe(data.REGIONS[i % 10], None, at),
+                  *reading(rng, i, 0.5)]
         texts.append(data.format_box([int(v) for v in rng.integers(0, 112, 4)]))
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
                                                  pre_tokenizers.ByteLevel(add_prefix_space=False)])
     tok.decoder = decoders.ByteLevel()
     tok.train_from_iterator(texts, trainers.BpeTrainer(
-        vocab_size=vocab_size, special_tokens=M.SPECIAL, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False))
+        vocab_size=vocab_size, special_tokens=M.SPECIAL,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
     tok.add_tokens(M.TAGS)
     tok.add_tokens([AddedToken(w, normalized=False) for r in data.REGIONS for w in (" " + r, r)])
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=None, eos_token="<|im_end|>",
@@ -108,7 +112,8 @@ def build(seed=0, dtype=torch.float32):
     """A random-init tiny Qwen2.5-VL and its processor, offline (the tests' random models too)."""
     tokenizer = build_tokenizer()
     ids = {t: tokenizer.convert_tokens_to_ids(t) for t in M.SPECIAL}
-    text_ids = dict(bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"])
+    text_ids = dict(bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"],
+                    pad_token_id=ids["<|endoftext|>"])
     config = Qwen2_5_VLConfig(
         text_config=dict(TEXT, vocab_size=len(tokenizer), **text_ids),
         vision_config=dict(VISION, out_hidden_size=TEXT["hidden_size"]),
@@ -123,7 +128,7 @@ def build(seed=0, dtype=torch.float32):
     return model, M.ImageOnlyProcessor(image_processor, tokenizer, chat_template=M.CHAT_TEMPLATE)
 
 
-# ----------------------------------------------------------------------------- what a base knows: its tasks
+# --------------------------------------------------------------------- what a base knows: its tasks
 def films(n, seed, offset=0, frame=112):
     """n films of the base's own stream: (image, {region: box}, [(finding, region), ...])."""
     out = []
@@ -137,7 +142,8 @@ def films(n, seed, offset=0, frame=112):
 
 def report(findings):
     """What a film shows, as a radiology report's findings line ('No abnormality.' if nothing)."""
-    said = [f"{data.FINDINGS[k][1][0].upper()}{data.FINDINGS[k][1][1:]} in the {r}." for k, r in findings]
+    said = [f"{data.FINDINGS[k][1][0].upper()}{data.FINDINGS[k][1][1:]} in the {r}."
+            for k, r in findings]
     return " ".join(said) or "No abnormality."
 
 
@@ -146,7 +152,7 @@ def image_task(rng, film):
     _, boxes, findings = film
     at = {r: k for k, r in findings}
     region = data.REGIONS[rng.integers(len(data.REGIONS))]
-    if findings and rng.random() < 0.5:                   # half the regions asked about are abnormal
+    if findings and rng.random() < 0.5:  # half the regions asked about are abnormal
         region = findings[rng.integers(len(findings))][1]
     task = rng.choice(["report", "region", "locate"], p=[0.3, 0.4, 0.3])
     if task == "report":
@@ -165,7 +171,8 @@ def reading(rng, index, one_statement):
     reasoned with only the region that holds it (the curriculum's first step)."""
     qtype, variant, findings = data._header(rng, index)
     at = {r: k for k, r in findings}
-    question, statements, answer = data.ask(rng, qtype, variant, findings, lambda r: data.describe(r, None, at))
+    question, statements, answer = data.ask(rng, qtype, variant, findings,
+                                            lambda r: data.describe(r, None, at))
     if question.startswith("Which region contains") and rng.random() < one_statement:
         statements = statements[:1]                           # the answer's region only
     order = rng.permutation(len(statements))
@@ -187,11 +194,14 @@ def chat(processor, images, requests, answers, device, written=None):
     and its end of turn)."""
     texts = [processor.apply_chat_template(
         [{"role": "system", "content": BASE_SYSTEM},
-         {"role": "user", "content": ([{"type": "image"}] if images else []) + [{"type": "text", "text": q}]}],
-        add_generation_prompt=True, tokenize=False) + (written[i] if written else "") for i, q in enumerate(requests)]
-    prompt = processor(images=[[im] for im in images] if images else None, text=texts, return_tensors="pt",
-                       padding=True).to(device)
-    ids, mask = M.tokenize_completions(processor, answers, processor.tokenizer.convert_tokens_to_ids("<|im_end|>"))
+         {"role": "user",
+          "content": ([{"type": "image"}] if images else []) + [{"type": "text", "text": q}]}],
+        add_generation_prompt=True, tokenize=False) + (written[i] if written else "")
+        for i, q in enumerate(requests)]
+    prompt = processor(images=[[im] for im in images] if images else None, text=texts,
+                       return_tensors="pt", padding=True).to(device)
+    ids, mask = M.tokenize_completions(processor, answers,
+                                       processor.tokenizer.convert_tokens_to_ids("<|im_end|>"))
     return prompt, ids.to(device), mask.to(device)
 
 
@@ -211,7 +221,8 @@ def tower_targets(boxes, findings, grid, frame):
         x1, y1, x2, y2 = boxes[region]
         for t in range(grid * grid):
             cx0, cy0 = (t % grid) * cell, (t // grid) * cell
-            overlap = max(0, min(x2, cx0 + cell) - max(x1, cx0)) * max(0, min(y2, cy0 + cell) - max(y1, cy0))
+            wide = max(0, min(x2, cx0 + cell) - max(x1, cx0))
+            overlap = wide * max(0, min(y2, cy0 + cell) - max(y1, cy0))
             if overlap > cell * cell / 4:
                 y[t, k] = 1.0
                 if region in findings:
@@ -222,7 +233,8 @@ def tower_targets(boxes, findings, grid, frame):
 def patch_order(grid, m):
     """Inside Qwen2.5-VL's tower (and in the processor's pixel_values) patches are grouped by merge
     unit, m x m patches each, the units in raster order. Returns, for each of those rows, the
-    raster index (row * grid*m + column) of its patch, so raster targets can be put in tower order."""
+    raster index (row * grid*m + column) of its patch, so raster targets can be put in tower
+    order."""
     pgrid, rows = grid * m, torch.empty(grid * grid * m * m, dtype=torch.long)
     for r in range(pgrid):
         for c in range(pgrid):
@@ -246,28 +258,33 @@ def warm_up_tower(model, processor, pool, cfg, device, frame=112, batch=32):
     local, report_t = [], []
     for _, boxes, findings in pool:
         at = {r: k for k, r in findings}
-        local.append(tower_targets(boxes, at, pgrid, frame)[rows])         # [pgrid*pgrid, 26] per patch
-        t = tower_targets(boxes, at, grid, frame)                          # [grid*grid, 26] per token
-        t[:, R:] = t[:, R:].amax(0, keepdim=True)                          # abnormal regions + findings: per film
+        local.append(tower_targets(boxes, at, pgrid, frame)[rows])  # [pgrid*pgrid, 26] per patch
+        t = tower_targets(boxes, at, grid, frame)  # [grid*grid, 26] per token
+        t[:, R:] = t[:, R:].amax(0, keepdim=True)  # abnormal regions + findings: per film
         report_t.append(t)
     local, report_t = torch.stack(local).to(device), torch.stack(report_t).to(device)
     seen = {}
     hook = tower.blocks[-2].register_forward_hook(lambda mod, args, out: seen.update(h=out))
-    heads = torch.nn.ModuleList([torch.nn.Linear(model.config.vision_config.hidden_size, local.shape[-1]),
-                                 torch.nn.Linear(model.config.text_config.hidden_size, report_t.shape[-1])]).to(device)
+    heads = torch.nn.ModuleList([torch.nn.Linear(model.config.vision_config.hidden_size,
+                                                 local.shape[-1]),
+                                 torch.nn.Linear(model.config.text_config.hidden_size,
+                                                 report_t.shape[-1])]).to(device)
     opt = torch.optim.AdamW(list(tower.parameters()) + list(heads.parameters()), lr=cfg.tower_lr)
-    bce, g = torch.nn.functional.binary_cross_entropy_with_logits, torch.Generator().manual_seed(cfg.seed)
+    bce = torch.nn.functional.binary_cross_entropy_with_logits
+    g = torch.Generator().manual_seed(cfg.seed)
     for step in tqdm(range(cfg.tower_steps), desc="vision warm-up"):
         for group in opt.param_groups:
             group["lr"] = cfg.tower_lr * cosine(step / cfg.tower_steps)
         idx = torch.randint(0, len(pool), (batch,), generator=g)
         pix = ip(images=[pool[i][0] for i in idx], return_tensors="pt").to(device)
         out = tower(pix["pixel_values"], grid_thw=pix["image_grid_thw"])
-        feats = getattr(out, "pooler_output", out).reshape(batch, grid * grid, -1)   # [B, grid*grid, D]
-        patches = seen["h"].reshape(batch, pgrid * pgrid, -1)                        # [B, pgrid*pgrid, width]
+        feats = getattr(out, "pooler_output", out).reshape(batch, grid * grid,
+                                                           -1)  # [B, grid*grid, D]
+        patches = seen["h"].reshape(batch, pgrid * pgrid, -1)  # [B, pgrid*pgrid, width]
         # a region is abnormal on ~8% of films: positives weigh 3x
+        three = torch.tensor(3.0, device=device)
         loss = bce(heads[0](patches), local[idx]) + bce(heads[1](feats), report_t[idx],
-                                                          pos_weight=torch.tensor(3.0, device=device))
+                                                          pos_weight=three)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -279,24 +296,26 @@ def cosine(progress):
     return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
 
 
-# ----------------------------------------------------------------------------- the card: what the base knows
+# -------------------------------------------------------------------- the card: what the base knows
 @torch.no_grad()
 def card(model, processor, seed, n, device):
     """Held-out measurements (films and questions the base never trained on), each the share of
     samples whose whole answer the base writes greedily: seeing, grounding, reading per template."""
     model.eval()
     rng, out = np.random.default_rng([seed, data.STREAMS["pretrain"], 10 ** 9 + 1]), {}
-    held = films(n, seed + 1, 0)                                         # another seed: unseen films
+    held = films(n, seed + 1, 0)  # another seed: unseen films
 
     def greedy(images, requests, budget, written=None):
         texts = [processor.apply_chat_template(
             [{"role": "system", "content": BASE_SYSTEM},
-             {"role": "user", "content": ([{"type": "image"}] if images else []) + [{"type": "text", "text": q}]}],
-            add_generation_prompt=True, tokenize=False) + (written[i] if written else "") for i, q in enumerate(requests)]
+             {"role": "user",
+              "content": ([{"type": "image"}] if images else []) + [{"type": "text", "text": q}]}],
+            add_generation_prompt=True, tokenize=False) + (written[i] if written else "")
+            for i, q in enumerate(requests)]
         answers = []
         for i in range(0, len(texts), 100):
-            prompt = processor(images=[[im] for im in images[i:i + 100]] if images else None, text=texts[i:i + 100],
-                               return_tensors="pt", padding=True).to(device)
+            prompt = processor(images=[[im] for im in images[i:i + 100]] if images else None,
+                               text=texts[i:i + 100], return_tensors="pt", padding=True).to(device)
             answers += _greedy(model, processor, prompt, budget)
         return answers
     images = [f[0] for f in held]
@@ -305,11 +324,14 @@ def card(model, processor, seed, n, device):
     regions = [data.REGIONS[i % 10] for i in range(n)]
     said = greedy(images, [f"Describe the {r}." for r in regions], 40)
     out["region described exactly"] = float(np.mean([
-        s.strip() == data.describe(r, None, {q: k for k, q in f[2]}) for s, r, f in zip(said, regions, held)]))
+        s.strip() == data.describe(r, None, {q: k for k, q in f[2]})
+        for s, r, f in zip(said, regions, held)]))
     said = greedy(images, [f"Locate the {r}." for r in regions], 24)
     ious = [reward.iou(reward.parse(f"<think>x {s}</think>").boxes[0][1], f[1][r])
-            if reward.parse(f"<think>x {s}</think>").boxes else 0.0 for s, r, f in zip(said, regions, held)]
-    out["box IoU"], out["box IoU > 0.75"] = float(np.mean(ious)), float(np.mean([v > 0.75 for v in ious]))
+            if reward.parse(f"<think>x {s}</think>").boxes else 0.0
+            for s, r, f in zip(said, regions, held)]
+    out["box IoU"] = float(np.mean(ious))
+    out["box IoU > 0.75"] = float(np.mean([v > 0.75 for v in ious]))
     # Zero-shot on the ThinkVG prompt (the task's system prompt, a film, a question): the base has
     # never seen a trace, so it should not write one (expected ~0; stage 1 teaches the format).
     questions = [reading(rng, i, 0.0)[0] for i in range(n)]
@@ -322,7 +344,8 @@ def card(model, processor, seed, n, device):
         templates.setdefault(_template(q), []).append((q, r, a))
     for name, qra in sorted(templates.items()):
         said = greedy([], [q for q, _, _ in qra], 12, [r for _, r, _ in qra])
-        out[f"reading: {name}"] = float(np.mean([s.strip() == a.strip() for s, (_, _, a) in zip(said, qra)]))
+        out[f"reading: {name}"] = float(np.mean([s.strip() == a.strip()
+                                                 for s, (_, _, a) in zip(said, qra)]))
     model.train()
     return out
 
@@ -330,10 +353,11 @@ def card(model, processor, seed, n, device):
 def _template(question):
     """A reading exercise's template, named by the question's first words."""
     q = question
-    for name in ("Which region contains", "What abnormality is seen", "Which of these regions", "Where is the",
-                 "Is the cardiac silhouette", "Is there"):
+    for name in ("Which region contains", "What abnormality is seen", "Which of these regions",
+                 "Where is the", "Is the cardiac silhouette", "Is there"):
         if q.startswith(name):
-            return name + (" (options)" if name == "What abnormality is seen" and " A. " in q else "")
+            return name + (" (options)" if name == "What abnormality is seen" and " A. " in q
+                           else "")
     return "other"
 
 
@@ -341,8 +365,9 @@ def _greedy(model, processor, prompt, budget):
     """Greedy answers to prompts with or without films, on the text support (model.sample's
     decode loop, which needs films): a list of decoded strings."""
     tok, device = processor.tokenizer, prompt["input_ids"].device
-    end, support = torch.tensor(M.end_ids(model), device=device), M.text_support(model, tok).to(device)
-    logits, cache, pos = M.prefill(model, prompt)                                  # [B, V], cache, [B]
+    end = torch.tensor(M.end_ids(model), device=device)
+    support = M.text_support(model, tok).to(device)
+    logits, cache, pos = M.prefill(model, prompt)  # [B, V], cache, [B]
     attention, ids = prompt["attention_mask"], []
     for t in range(budget):
         nxt = logits.masked_fill(~support, float("-inf")).argmax(-1)              # [B]
@@ -350,10 +375,12 @@ def _greedy(model, processor, prompt, budget):
         if torch.isin(torch.stack(ids, 1), end).any(1).all():
             break
         attention = torch.cat([attention, attention.new_ones(len(nxt), 1)], 1)
-        logits = model(input_ids=nxt[:, None], attention_mask=attention, past_key_values=cache, use_cache=True,
+        logits = model(input_ids=nxt[:, None], attention_mask=attention, past_key_values=cache,
+                       use_cache=True,
                        position_ids=(pos + t).view(1, -1, 1).expand(3, -1, 1)).logits[:, -1]
     ids = torch.stack(ids, 1)                                                      # [B, T]
-    return tok.batch_decode([row[:int(M.completion_mask(row[None], end.tolist()).sum())] for row in ids],
+    return tok.batch_decode([row[:int(M.completion_mask(row[None], end.tolist()).sum())]
+                             for row in ids],
                             skip_special_tokens=True)
 
 
@@ -362,6 +389,7 @@ def main(cfg):
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
     device, t0 = torch.device("cpu"), time.time()
+    made = provenance()                 # the commit it starts from, before anything is committed
     model, processor = build(cfg.seed)
     model.train()
     print(f"tiny Qwen2.5-VL: {sum(p.numel() for p in model.parameters()):,} parameters, "
@@ -377,14 +405,17 @@ def main(cfg):
         lr = cfg.lr * min(1.0, (step + 1) / cfg.warmup_steps) * cosine(step / cfg.steps)
         for g in opt.param_groups:
             g["lr"] = lr * g["lr_scale"]
-        if step % 2 == 0:                                               # films: seeing and grounding
+        if step % 2 == 0:  # films: seeing and grounding
             picked = [pool[i] for i in rng.integers(0, len(pool), cfg.batch_size)]
             qa = [image_task(rng, f) for f in picked]
-            batch = chat(processor, [f[0] for f in picked], [q for q, _ in qa], [a for _, a in qa], device)
-        else:                                                           # text: reading, with the curriculum
+            batch = chat(processor, [f[0] for f in picked], [q for q, _ in qa], [a for _, a in qa],
+                         device)
+        else:  # text: reading, with the curriculum
             one = max(0.0, 1.0 - step / max(1.0, cfg.curriculum * cfg.steps))
-            qra = [reading(rng, reading_index(rng, cfg.choice_share), one) for _ in range(cfg.batch_size)]
-            batch = chat(processor, [], [q for q, _, _ in qra], [a for _, _, a in qra], device, [r for _, r, _ in qra])
+            qra = [reading(rng, reading_index(rng, cfg.choice_share), one)
+                   for _ in range(cfg.batch_size)]
+            batch = chat(processor, [], [q for q, _, _ in qra], [a for _, _, a in qra], device,
+                         [r for _, r, _ in qra])
         loss = answer_nll(model, batch)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -392,13 +423,14 @@ def main(cfg):
         opt.zero_grad(set_to_none=True)
         log.append(loss.item())
         if step % 100 == 99:
-            bar.set_postfix(films=f"{np.mean(log[-100::2]):.3f}", text=f"{np.mean(log[-99::2]):.3f}")
+            bar.set_postfix(films=f"{np.mean(log[-100::2]):.3f}",
+                            text=f"{np.mean(log[-99::2]):.3f}")
     minutes = (time.time() - t0) / 60
     measured = card(model, processor, cfg.seed, cfg.eval_n, device)
     for k, v in measured.items():
         print(f"  {k:<48} {v:.3f}")
     run.save(model, processor, cfg.out)
-    record = {"config": asdict(cfg), "minutes": round(minutes, 1), "card": measured, "made": provenance(),
+    record = {"config": asdict(cfg), "minutes": round(minutes, 1), "card": measured, "made": made,
               "parameters": f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M"}
     json.dump(record, open(os.path.join(cfg.out, "pretrain.json"), "w"), indent=2)
     write_card(cfg.out, record)
@@ -411,10 +443,11 @@ def provenance():
     import subprocess
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                             cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip()
-    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
+    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo")
+                if line.startswith("model name")),
                platform.processor()) if os.path.exists("/proc/cpuinfo") else platform.processor()
-    return {"commit": commit, "machine": f"{os.cpu_count()} x {cpu}", "threads": torch.get_num_threads(),
-            "date": time.strftime("%Y-%m-%d")}
+    return {"commit": commit, "machine": f"{os.cpu_count()} x {cpu}",
+            "threads": torch.get_num_threads(), "date": time.strftime("%Y-%m-%d")}
 
 
 def write_card(out, record):
@@ -424,15 +457,15 @@ def write_card(out, record):
     open(os.path.join(out, "README.md"), "w").write(f"""# {BASE}: the tiny pretrained base
 
 A Qwen2.5-VL (transformers' `Qwen2_5_VLForConditionalGeneration`, the real architecture) at
-{record.get("parameters", "~1.8M")} parameters, pretrained by `python pretrain.py` as a VLM is pretrained: it
-sees (describes a chest film and each region of it), writes a region's box when asked (absolute
-pixels), and reads (answers a question from a written reasoning, the option-letter lookup
+{record.get("parameters", "~1.8M")} parameters, pretrained by `python pretrain.py` as a VLM is
+pretrained: it sees (describes a chest film and each region of it), writes a region's box when asked
+(absolute pixels), and reads (answers a question from a written reasoning, the option-letter lookup
 included). It has never seen a ThinkVG trace nor an image of the train, validation or test
 splits. `python sft.py` starts from it, as `--model Qwen/Qwen2.5-VL-3B-Instruct` starts from
 the real one. Load it like any checkpoint: `model.load("{BASE}")` or `from_pretrained`.
 
-Made by `python pretrain.py` at commit {made["commit"]} on {made["machine"]} ({made["threads"]} threads),
-{made["date"]}, in {record["minutes"]} minutes.
+Made by `python pretrain.py` at commit {made["commit"]} on {made["machine"]} ({made["threads"]}
+threads), {made["date"]}, in {record["minutes"]} minutes.
 
 What it knows, held out (new films and questions, greedy, the whole answer exact unless said):
 

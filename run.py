@@ -27,7 +27,7 @@ from transformers.image_utils import SizeDict
 
 # ----------------------------------------------------------------------------- device
 def pick_device(name="auto"):
-    """CUDA with bf16 autocast when available, else CPU float32. Returns (device, autocast dtype)."""
+    """CUDA with bf16 autocast when available, else CPU float32 -> (device, autocast dtype)."""
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(name)
@@ -41,10 +41,12 @@ def warn_tiny_lr(script, lr, default, model):
     """One line when a real checkpoint is about to train at the tiny model's default --lr (a 3B at
     SFT's 2e-3 diverges; pretrained models fine-tune at ~1e-5 in full, ~1e-4 with LoRA). A real
     checkpoint: Qwen's 152k vocabulary (the tiny model's is ~560 tokens), or over 50M parameters."""
-    n, vocab = sum(p.numel() for p in model.parameters()), model.get_output_embeddings().weight.shape[0]
+    n = sum(p.numel() for p in model.parameters())
+    vocab = model.get_output_embeddings().weight.shape[0]
     if lr == default and (vocab > 100_000 or n > 50e6):
-        print(f"{script}: warning: --lr {lr:g} is the tiny model's default; a pretrained checkpoint "
-              f"({n / 1e6:,.0f}M parameters, {vocab:,} tokens) fine-tunes at ~1e-5 (full) or ~1e-4 (LoRA): pass --lr")
+        print(f"{script}: warning: --lr {lr:g} is the tiny model's default; a pretrained "
+              f"checkpoint ({n / 1e6:,.0f}M parameters, {vocab:,} tokens) fine-tunes at ~1e-5 "
+              f"(full) or ~1e-4 (LoRA): pass --lr")
 
 
 def peak_memory(device):
@@ -75,16 +77,18 @@ def add_lora(model, cfg):
     if cfg.lora_vision:
         pattern += rf"|.*visual\.blocks\.\d+\.\w+\.({'|'.join(VISION_LORA_TARGETS)})"
     model.requires_grad_(False)
-    inject_adapter_in_model(LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+    inject_adapter_in_model(LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha,
+                                       lora_dropout=cfg.lora_dropout,
                                        target_modules=pattern), model)
     adapters = [p for n, p in model.named_parameters() if "lora_" in n]
     if not adapters:
-        raise SystemExit(f"--lora-targets {cfg.lora_targets}: no module of this model has that name")
+        raise SystemExit(f"--lora-targets {cfg.lora_targets}: no module of this model has it")
     for p in adapters:
         p.data = p.data.float()
         p.requires_grad_(True)
     n = sum(p.numel() for p in adapters)
-    print(f"LoRA r={cfg.lora_r}: {n:,} trainable adapter parameters ({n / sum(p.numel() for p in model.parameters()):.2%})")
+    print(f"LoRA r={cfg.lora_r}: {n:,} trainable adapter parameters "
+          f"({n / sum(p.numel() for p in model.parameters()):.2%})")
 
 
 def lora_layers(model):
@@ -132,23 +136,27 @@ def save_merged(model, out, shard_bytes=2 * 2**30):
     from safetensors.torch import save_file
     os.makedirs(out, exist_ok=True)
     layers = dict(lora_layers(model))
-    tied = set(getattr(model, "_tied_weights_keys", None) or ()) if model.config.tie_word_embeddings else set()
-    names = [n for n in model.state_dict() if "lora_" not in n and n not in tied]   # references, no copies
+    tied = (set(getattr(model, "_tied_weights_keys", None) or ())
+            if model.config.tie_word_embeddings else set())
+    names = [n for n in model.state_dict() if "lora_" not in n
+             and n not in tied]  # references, no copies
     params = model.state_dict()
-    gen = torch.Generator().manual_seed(0)      # a saved file does not depend on, nor move, the run's RNG
+    # a saved file does not depend on, nor move, the run's RNG
+    gen = torch.Generator().manual_seed(0)
 
     def cpu_tensor(name):
         t = params[name].detach().to("cpu")
         owner = name.rsplit(".base_layer.", 1)[0]
         if owner in layers and name.endswith(".base_layer.weight"):
             m = layers[owner]
-            a, b = m.lora_A["default"].weight.detach().float().cpu(), m.lora_B["default"].weight.detach().float().cpu()
+            a = m.lora_A["default"].weight.detach().float().cpu()
+            b = m.lora_B["default"].weight.detach().float().cpu()
             w = t.float() + m.scaling["default"] * (b @ a)                      # [out, in]
             t = stochastic_round(w, gen) if t.dtype == torch.bfloat16 else w.to(t.dtype)
         return t.contiguous()
 
     shards, size = [[]], 0
-    for n in names:                                             # plan: shards of at most shard_bytes
+    for n in names:  # plan: shards of at most shard_bytes
         nbytes = params[n].numel() * params[n].element_size()
         if shards[-1] and size + nbytes > shard_bytes:
             shards.append([])
@@ -158,10 +166,11 @@ def save_merged(model, out, shard_bytes=2 * 2**30):
     files = ["model.safetensors"] if len(shards) == 1 else [
         f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
     for file, part in zip(files, shards):
-        save_file({n.replace(".base_layer.", "."): cpu_tensor(n) for n in part}, os.path.join(out, file),
-                  metadata={"format": "pt"})
+        save_file({n.replace(".base_layer.", "."): cpu_tensor(n) for n in part},
+                  os.path.join(out, file), metadata={"format": "pt"})
     if len(shards) > 1:
-        weight_map = {n.replace(".base_layer.", "."): f for f, part in zip(files, shards) for n in part}
+        weight_map = {n.replace(".base_layer.", "."): f for f, part in zip(files, shards)
+                      for n in part}
         total = sum(params[n].numel() * params[n].element_size() for n in names)
         json.dump({"metadata": {"total_size": total}, "weight_map": weight_map},
                   open(os.path.join(out, "model.safetensors.index.json"), "w"), indent=2)
@@ -176,7 +185,8 @@ def apply_memory_plan(model, processor, cfg):
     checkpointing (activations recomputed in backward instead of stored)."""
     if cfg.max_pixels:
         ip = processor.image_processor
-        ip.size = SizeDict(shortest_edge=min(ip.size["shortest_edge"], cfg.max_pixels), longest_edge=cfg.max_pixels)
+        ip.size = SizeDict(shortest_edge=min(ip.size["shortest_edge"], cfg.max_pixels),
+                           longest_edge=cfg.max_pixels)
     if cfg.freeze_vision:
         model.model.visual.requires_grad_(False)
     if cfg.lora_r:
@@ -196,15 +206,15 @@ def apply_memory_plan(model, processor, cfg):
 @dataclass
 class MemoryFlags:
     """The single-GPU memory levers of sft.py and grpo.py: their configs inherit these fields."""
-    dtype: str = "float32"           # weights: float32 (bf16 autocast on CUDA) or bfloat16 (half the memory; AdamW rounds stochastically)
-    max_pixels: int = 0              # image pixel budget per image (0: the model's own); fewer pixels, fewer tokens
-    freeze_vision: bool = False      # train the language model only (saves the vision tower's grads and AdamW state)
+    dtype: str = "float32"           # weights: float32 (bf16 autocast on CUDA) or bfloat16 (half)
+    max_pixels: int = 0              # pixel budget per image (0: the model's own): fewer tokens
+    freeze_vision: bool = False      # train the language model only (no tower grads or AdamW state)
     grad_checkpointing: bool = False  # recompute activations in backward: less memory, ~30% slower
-    lora_r: int = 0                  # LoRA rank (0: full fine-tuning); the base is frozen, float32 adapters train
+    lora_r: int = 0  # LoRA rank (0: full fine-tuning); the base is frozen, float32 adapters train
     lora_alpha: float = 32.0         # LoRA scale: the update is (alpha / r) B A
-    lora_dropout: float = 0.0        # dropout on the adapters' input (0: GRPO's scored policy must be the sampled one)
-    lora_targets: str = LORA_TARGETS  # comma-separated projection names that get adapters, in the language model
-    lora_vision: bool = False        # also adapt the vision tower's attention and MLP (frozen otherwise)
+    lora_dropout: float = 0.0        # dropout on adapters' input (0: GRPO scores what it sampled)
+    lora_targets: str = LORA_TARGETS  # comma-separated language-model projections that get adapters
+    lora_vision: bool = False  # also adapt the vision tower's attention and MLP (frozen otherwise)
 
     def problems(self):
         """(ok, message) pairs for the check() of each script."""
@@ -216,17 +226,19 @@ class MemoryFlags:
                  "--lora-targets must be comma-separated module names, e.g. q_proj,v_proj")]
 
 
-# ----------------------------------------------------------------------------- bf16 weights: AdamW that rounds stochastically
+# --------------------------------------------------- bf16 weights: AdamW that rounds stochastically
 # A bf16 weight of magnitude 0.02 has a resolution of 1.2e-4; AdamW's step at lr 1e-6 is ~1e-6,
 # and round-to-nearest throws it away every time: in pure bf16, most weights never move at the
 # learning rates real models are fine-tuned with. Rounding up or down AT RANDOM, with probability
 # in proportion to the distance, keeps every update in expectation (Gupta et al. 2015,
 # arXiv 1502.02551): over 100 steps the weights move as float32 master weights would (tested),
-# at the memory of pure bf16 (weights, gradients and both moments 2 bytes each: 8 bytes a parameter).
+# at the memory of pure bf16 (weights, gradients and both moments 2 bytes each: 8 bytes a
+# parameter).
 def stochastic_round(x, generator=None):
-    """float32 -> bfloat16, unbiased: add random low bits below bf16's 16 kept bits, then cut them."""
+    """float32 -> bfloat16, unbiased: add random bits below bf16's 16 kept bits, then cut them."""
     bits = x.float().contiguous().view(torch.int32)
-    noise = torch.randint(0, 1 << 16, bits.shape, dtype=torch.int32, device=x.device, generator=generator)
+    noise = torch.randint(0, 1 << 16, bits.shape, dtype=torch.int32, device=x.device,
+                          generator=generator)
     return ((bits + noise) & -65536).view(torch.float32).to(torch.bfloat16)
 
 
@@ -284,7 +296,7 @@ def weights_dtype(name):
     return {"float32": torch.float32, "bfloat16": torch.bfloat16}[name]
 
 
-# ----------------------------------------------------------------------------- several GPUs (torchrun)
+# -------------------------------------------------------------------------- several GPUs (torchrun)
 # nanoGPT's recipe: `torchrun --nproc_per_node=N sft.py` sets RANK/WORLD_SIZE/LOCAL_RANK; each
 # process joins one group, owns one device, wraps the model in DistributedDataParallel (gradients
 # are averaged in backward) and works on its own share of the data. Rank 0 logs and saves.
@@ -307,7 +319,8 @@ def ddp_mean(value):
     """A float averaged over ranks (for logging one number per step); unchanged outside DDP."""
     if not dist.is_initialized():
         return float(value)
-    t = torch.tensor([float(value)], dtype=torch.float64, device="cuda" if dist.get_backend() == "nccl" else "cpu")
+    t = torch.tensor([float(value)], dtype=torch.float64,
+                     device="cuda" if dist.get_backend() == "nccl" else "cpu")
     dist.all_reduce(t)   # a sum over ranks
     return t.item() / dist.get_world_size()
 
@@ -318,7 +331,8 @@ def ddp_std(x):
     if not dist.is_initialized():
         return x.std() if x.numel() > 1 else x.new_zeros(())
     device = "cuda" if dist.get_backend() == "nccl" else "cpu"
-    s = torch.tensor([x.numel(), float(x.sum()), float((x.double() ** 2).sum())], dtype=torch.float64, device=device)
+    s = torch.tensor([x.numel(), float(x.sum()), float((x.double() ** 2).sum())],
+                     dtype=torch.float64, device=device)
     dist.all_reduce(s)   # count, sum and sum of squares over ranks
     n, total, squares = s.tolist()
     return x.new_tensor(max(squares - total * total / n, 0.0) / (n - 1) if n > 1 else 0.0).sqrt()
@@ -332,7 +346,8 @@ def ddp_check_in_sync(model):
     fp = sum(float((p.detach().double() * (i + 1)).sum()) for i, p in enumerate(model.parameters()))
     prints = [None] * dist.get_world_size()
     dist.all_gather_object(prints, fp)
-    assert all(abs(x - prints[0]) <= 1e-9 * max(1.0, abs(prints[0])) for x in prints), f"ranks disagree on the weights: {prints}"
+    assert all(abs(x - prints[0]) <= 1e-9 * max(1.0, abs(prints[0])) for x in prints), (
+        f"ranks disagree on the weights: {prints}")
     if is_main():
         print(f"ddp: {len(prints)} ranks agree on the weights (fingerprint {fp:.6e})")
 
@@ -363,7 +378,8 @@ def save(model, processor, out, state=None, into=False, weights=True):
             cfg = json.load(open(path))
             cfg["processor_class"] = "Qwen2_5_VLProcessor"
             if name == "processor_config.json":
-                cfg.setdefault("video_processor", dict(cfg["image_processor"], video_processor_type="Qwen2VLVideoProcessor"))
+                video = dict(cfg["image_processor"], video_processor_type="Qwen2VLVideoProcessor")
+                cfg.setdefault("video_processor", video)
             json.dump(cfg, open(path, "w"), indent=2)
         if state is not None:
             torch.save(state, os.path.join(tmp, "trainer_state.pt"))
@@ -382,7 +398,8 @@ def save(model, processor, out, state=None, into=False, weights=True):
         shutil.rmtree(tmp, ignore_errors=True)
         if not os.path.isdir(out) and os.path.isdir(out + ".old"):
             os.rename(out + ".old", out)
-        raise SystemExit(f"cannot save to {out}: {e.strerror or e} (the previous checkpoint, if any, is intact)")
+        raise SystemExit(f"cannot save to {out}: {e.strerror or e} (the previous checkpoint, if "
+                         f"any, is intact)")
 
 
 def _before_rename(tmp):
@@ -400,9 +417,10 @@ def save_checkpoint(out, step, model, processor, state, keep=2):
 
 
 def list_checkpoints(out):
-    """Complete checkpoints under OUT/checkpoints, oldest first (half-written .tmp-* never match)."""
+    """Complete checkpoints under OUT/checkpoints, oldest first (half-written .tmp-* never do)."""
     root = os.path.join(out, "checkpoints")
-    names = sorted(n for n in os.listdir(root) if re.fullmatch(r"step_\d{6}", n)) if os.path.isdir(root) else []
+    names = (sorted(n for n in os.listdir(root) if re.fullmatch(r"step_\d{6}", n))
+             if os.path.isdir(root) else [])
     return [os.path.join(root, n) for n in names]
 
 
@@ -425,7 +443,8 @@ def rng_state():
 def set_rng_state(s):
     if "ranks" in s:
         assert dist.is_initialized() and len(s["ranks"]) == dist.get_world_size(), (
-            f"this checkpoint was written by {len(s['ranks'])} ranks: resume with the same --nproc_per_node")
+            f"this checkpoint was written by {len(s['ranks'])} ranks: resume with the same "
+            f"--nproc_per_node")
         s = s["ranks"][dist.get_rank()]
     torch.set_rng_state(s["torch"])
     random.setstate(s["python"])
@@ -449,14 +468,17 @@ def open_run(out, resume):
         raise SystemExit(f"--out {out}: not writable ({e.strerror or e})")
     metrics = os.path.join(out, "metrics.jsonl")
     found = list_checkpoints(out) if resume else []
-    if resume and not found:   # e.g. a cluster job preempted before its first checkpoint, re-run as it was
+    # e.g. a cluster job preempted before its first checkpoint, re-run as it was
+    if resume and not found:
         if is_main():
-            print(f"--resume: no checkpoint in {os.path.join(out, 'checkpoints')} yet: starting from step 0")
+            print(f"--resume: no checkpoint in {os.path.join(out, 'checkpoints')} yet: starting "
+                  f"from step 0")
         resume = False
     if not resume:
-        if is_main():                                  # under DDP only rank 0 touches the run directory
+        if is_main():  # under DDP only rank 0 touches the run directory
             if os.path.exists(metrics) or list_checkpoints(out):
-                print(f"{out}: starting afresh (previous metrics and checkpoints removed; --resume continues instead)")
+                print(f"{out}: starting afresh (previous metrics and checkpoints removed; --resume "
+                      f"continues instead)")
             shutil.rmtree(os.path.join(out, "checkpoints"), ignore_errors=True)
             open(metrics, "w").close()
         _barrier()
@@ -491,7 +513,8 @@ class StopOnCtrlC:
         if self.requested:
             raise KeyboardInterrupt
         self.requested = True
-        print("\nCtrl-C: finishing this step, then saving a checkpoint (Ctrl-C again to abort now)", flush=True)
+        print("\nCtrl-C: finishing this step, then saving a checkpoint (Ctrl-C again to abort now)",
+              flush=True)
 
 
 def after_step(script, cfg, step, bad, stop, model, processor, state):
@@ -500,8 +523,9 @@ def after_step(script, cfg, step, bad, stop, model, processor, state):
     `state` is a function, so the optimizer state is only gathered when a checkpoint is written.
     Returns True when the run should stop here."""
     if bad >= cfg.max_bad_steps:
-        raise SystemExit(f"{script}: {bad} non-finite losses or gradients in a row (step {step}); no update "
-                         f"was applied for them. Lower --lr, or resume from the last checkpoint with --resume.")
+        raise SystemExit(f"{script}: {bad} non-finite losses or gradients in a row (step {step}); "
+                         f"no update was applied for them. Lower --lr, or resume from the last "
+                         f"checkpoint with --resume.")
     if (cfg.save_every and step % cfg.save_every == 0 and step < cfg.max_steps) or stop.requested:
         snapshot = state()                      # on every rank: it gathers each rank's RNG state
         if is_main():
@@ -515,7 +539,8 @@ def after_step(script, cfg, step, bad, stop, model, processor, state):
 # ----------------------------------------------------------------------------- plumbing
 def _flag_bool(text):
     """argparse's bool("False") is True; accept the usual spellings instead."""
-    value = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}.get(text.lower())
+    value = {"true": True, "1": True, "yes": True, "false": False, "0": False,
+             "no": False}.get(text.lower())
     if value is None:
         raise ValueError(text)   # argparse turns this into "invalid _flag_bool value: 'text'"
     return value
@@ -524,15 +549,19 @@ def _flag_bool(text):
 def parse_config(cls, doc="", nargs=None):
     """Expose a config dataclass as command-line flags (max_steps -> --max-steps). Each flag's help
     is the one-line comment written after its field, so the dataclass stays the single source.
-    `nargs` maps a field to argparse's nargs (e.g. {"checkpoint": "+"}): that field becomes a list."""
-    source = "".join(inspect.getsource(c) for c in cls.__mro__ if dataclasses.is_dataclass(c))  # inherited flags too
+    `nargs` maps a field to argparse's nargs (e.g. {"checkpoint": "+"}): that field becomes a
+    list."""
+    source = "".join(inspect.getsource(c) for c in cls.__mro__
+                     if dataclasses.is_dataclass(c))  # inherited flags too
     comments = dict(re.findall(r"^\s+(\w+):[^=\n]+=[^#\n]+#\s*(.+)$", source, re.M))
     ap = argparse.ArgumentParser(description=doc.strip().split("\n")[0])
-    own_first = sorted(dataclasses.fields(cls), key=lambda f: f.name not in vars(cls).get("__annotations__", {}))
+    own_first = sorted(dataclasses.fields(cls),
+                       key=lambda f: f.name not in vars(cls).get("__annotations__", {}))
     for f in own_first:                  # the script's own flags, then the inherited ones
         flag, is_bool = "--" + f.name.replace("_", "-"), isinstance(f.default, bool)
         ap.add_argument(flag, type=_flag_bool if is_bool else type(f.default), default=f.default,
                         nargs="?" if is_bool else (nargs or {}).get(f.name),
                         const=True if is_bool else None,   # a bare `--resume` means `--resume true`
-                        help=f"{comments.get(f.name, '')} (default: {f.default})".replace("%", "%%"))
+                        help=f"{comments.get(f.name, '')} (default: {f.default})".replace(
+                            "%", "%%"))
     return cls(**vars(ap.parse_args()))

@@ -12,13 +12,13 @@ are scarce, labelled questions are many. This stage sees the traces of ONE EIGHT
 training images (--train-size 1000 of 8000); grpo.py then practises on all 8000 questions,
 scored against their labels. `--train-size 8000` is the upper bound: a trace for every image.
 
-    python sft.py                          # the tiny base, synthetic data, CPU: see README for timings
-    python sft.py --train-size 8000 --out runs/sft_all                 # every trace: the upper bound
+    python sft.py                          # the tiny base, synthetic data, CPU (README: timings)
+    python sft.py --train-size 8000 --out runs/sft_all     # every trace: the upper bound
     python sft.py --model runs/sft --max-steps 2000 --warmup-steps 20 --out runs/sft_more
                                            # the control: GRPO's minutes spent on more SFT instead
     python sft.py --model Qwen/Qwen2.5-VL-3B-Instruct --device cuda --batch-size 4 --lr 1e-5 \
         --data gemex --data-path train.parquet --image-root mimic-cxr-jpg/files --dtype bfloat16
-    torchrun --nproc_per_node=2 sft.py     # DistributedDataParallel: one process per GPU (gloo on CPU)
+    torchrun --nproc_per_node=2 sft.py     # DistributedDataParallel: a process per GPU (CPU: gloo)
 
 Writes to --out: metrics.jsonl (one JSON object per log line), run_config.json (this run's
 flags; config.json is the model's, written by save_pretrained) and the final model + processor,
@@ -40,31 +40,32 @@ import reward
 import run
 
 # ----------------------------------------------------------------------------- config
-COLD_START_TRACES = 1000   # the default: the traces of one eighth of the 8,000 synthetic training images
+# the default: the traces of one eighth of the 8,000 synthetic training images
+COLD_START_TRACES = 1000
 
 # Inherited flags: --data, --data-path, --image-root (data.DataFlags) and --dtype, --max-pixels,
 # --freeze-vision, --grad-checkpointing, --lora-* (run.MemoryFlags).
 @dataclass
 class SFTConfig(run.MemoryFlags, data.DataFlags):
-    model: str = "tiny-qwen2.5-vl-cxr"  # the pretrained model: the shipped tiny base, a Qwen2(.5)-VL Hub id or a directory
+    model: str = "tiny-qwen2.5-vl-cxr"  # the pretrained model: the tiny base, a Hub id or a folder
     out: str = "runs/sft"        # output directory for metrics, config and the final checkpoint
     max_steps: int = 1000        # optimizer steps: 16 epochs of the 1000 default traces
     batch_size: int = 16         # samples per forward/backward
-    grad_accum: int = 1          # forward/backwards per optimizer step: a batch of grad_accum x batch_size on a small card
-    lr: float = 2e-3             # peak learning rate (tiny model from scratch; ~1e-5 for a pretrained 3B)
+    grad_accum: int = 1          # forward/backwards per optimizer step (batch = grad_accum x size)
+    lr: float = 2e-3  # peak learning rate (tiny model from scratch; ~1e-5 for a pretrained 3B)
     warmup_steps: int = 100      # linear warm-up steps before cosine decay to 10% of lr
     weight_decay: float = 0.01   # AdamW decoupled weight decay
     grad_clip: float = 1.0       # clip the global gradient norm to this
-    train_size: int = 0          # training traces (0: 1000 of the 8000 synthetic images, one eighth: the cold start; every usable --data gemex row)
+    train_size: int = 0          # training traces (0: 1000 synthetic, the cold start; all of gemex)
     eval_every: int = 250        # greedy validation every this many steps (0: only at the end)
     eval_n: int = 64             # validation samples per evaluation
     seed: int = 0                # seed for init, data order and sampling
     device: str = "auto"         # 'auto' (CUDA if available), 'cpu' or 'cuda'
-    save_every: int = 500        # write a resumable checkpoint to OUT/checkpoints every this many steps (0: never)
+    save_every: int = 500        # steps between resumable checkpoints in OUT/checkpoints (0: never)
     keep: int = 2                # how many periodic checkpoints to keep
-    resume: bool = False         # continue from the newest checkpoint in --out (same flags otherwise)
-    max_bad_steps: int = 3       # stop after this many non-finite losses/gradients in a row (each update is skipped)
-    trace: str = "thinkvg"       # targets: 'thinkvg' (grounded reasoning, then the answer) or 'answer' (the answer alone)
+    resume: bool = False  # continue from the newest checkpoint in --out (same flags otherwise)
+    max_bad_steps: int = 3       # stop after this many non-finite losses in a row (each is skipped)
+    trace: str = "thinkvg"       # targets: 'thinkvg' (grounded reasoning, then answer) or 'answer' 
 
 
 def check(cfg):
@@ -74,13 +75,15 @@ def check(cfg):
                     (cfg.lr > 0, "--lr must be > 0"),
                     (cfg.warmup_steps >= 0 and cfg.weight_decay >= 0 and cfg.grad_clip > 0,
                      "--warmup-steps and --weight-decay must be >= 0, --grad-clip > 0"),
-                    (0 <= cfg.train_size and (cfg.data != "synthetic" or cfg.train_size <= data.DataConfig.n_train),
+                    (0 <= cfg.train_size
+                     and (cfg.data != "synthetic" or cfg.train_size <= data.DataConfig.n_train),
                      f"--train-size must be in 0..{data.DataConfig.n_train}"),
                     (cfg.trace in ("thinkvg", "answer"), "--trace must be thinkvg or answer"),
                     *data.DataFlags.problems(cfg), *run.MemoryFlags.problems(cfg),
                     (cfg.batch_size * cfg.grad_accum <= (cfg.train_size or COLD_START_TRACES),
                      "--batch-size x --grad-accum must not exceed --train-size"),
-                    (cfg.eval_every >= 0 and 1 <= cfg.eval_n and (cfg.data != "synthetic" or cfg.eval_n <= data.DataConfig.n_val),
+                    (cfg.eval_every >= 0 and 1 <= cfg.eval_n
+                     and (cfg.data != "synthetic" or cfg.eval_n <= data.DataConfig.n_val),
                      f"--eval-every must be >= 0 and --eval-n in 1..{data.DataConfig.n_val}"),
                     (cfg.save_every >= 0 and cfg.keep >= 1 and cfg.max_bad_steps >= 1,
                      "--save-every must be >= 0, --keep and --max-bad-steps >= 1")):
@@ -111,16 +114,18 @@ def batch_order(lengths, batch_size, seed, group=16):
     batches = []
     for i in range(0, len(perm) - batch_size + 1, batch_size * group):
         chunk = sorted(perm[i: i + batch_size * group], key=lambda j: lengths[j])
-        batches += [chunk[k: k + batch_size] for k in range(0, len(chunk) - batch_size + 1, batch_size)]
+        batches += [chunk[k: k + batch_size]
+                    for k in range(0, len(chunk) - batch_size + 1, batch_size)]
     return [batches[i] for i in torch.randperm(len(batches), generator=g).tolist()]
 
 
 def param_groups(model, cfg):
-    """Matrices get weight decay, vectors (norms, biases) none; frozen weights no optimizer state."""
+    """Matrices get weight decay, vectors (norms, biases) none; frozen weights no AdamW state."""
     groups = {}
     for p in model.parameters():
         if p.requires_grad:              # --freeze-vision, LoRA: frozen weights get no AdamW state
-            groups.setdefault(p.dim() >= 2, {"params": [], "weight_decay": cfg.weight_decay if p.dim() >= 2 else 0.0}
+            groups.setdefault(p.dim() >= 2, {"params": [], "weight_decay": cfg.weight_decay
+                                             if p.dim() >= 2 else 0.0}
                               )["params"].append(p)
     return list(groups.values())
 
@@ -140,7 +145,8 @@ def token_mean_backward(net, batches, amp=torch.float32):
     n_tokens = sum(float(mask.sum()) for _, _, mask in batches)
     loss = 0.0
     for j, (prompt, ids, mask) in enumerate(batches):
-        if isinstance(net, torch.nn.parallel.DistributedDataParallel):   # all-reduce once, after the last
+        if isinstance(net,
+                      torch.nn.parallel.DistributedDataParallel):  # all-reduce once, after the last
             net.require_backward_grad_sync = j == len(batches) - 1
         with torch.autocast(ids.device.type, dtype=amp, enabled=amp != torch.float32):
             logp = M.completion_logprobs(net, prompt, ids, mask)          # [B, T]
@@ -154,7 +160,7 @@ def token_mean_backward(net, batches, amp=torch.float32):
 def main(cfg):
     check(cfg)
     device, amp = run.pick_device(cfg.device)
-    rank, world, device = run.ddp_init(device)                      # (0, 1, device) without torchrun
+    rank, world, device = run.ddp_init(device)  # (0, 1, device) without torchrun
     master = rank == 0
     print(f"device {device}, autocast {amp}" + (f", rank {rank} of {world}" if world > 1 else ""))
     torch.manual_seed(cfg.seed)
@@ -163,37 +169,49 @@ def main(cfg):
         json.dump(asdict(cfg), open(os.path.join(cfg.out, "run_config.json"), "w"), indent=2)
     # LoRA resumes from the frozen base + the adapters in the checkpoint's state (bit-exact);
     # full fine-tuning from the checkpoint's weights
-    model, processor = M.load(cfg.model if cfg.lora_r else ckpt or cfg.model, device, run.weights_dtype(cfg.dtype))
+    model, processor = M.load(cfg.model if cfg.lora_r else ckpt or cfg.model, device,
+                              run.weights_dtype(cfg.dtype))
     run.apply_memory_plan(model, processor, cfg)
     run.warn_tiny_lr("sft.py", cfg.lr, SFTConfig.lr, model)
     if state and cfg.lora_r:
         run.load_adapters(model, state["adapters"])
     model.train()
-    frame = M.image_frame(processor, data.GEMEX_FRAME)           # gemex boxes move 224 -> the frame the model sees
-    net = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model   # forward/backward go through net
+    frame = M.image_frame(processor,
+                          data.GEMEX_FRAME)  # gemex boxes move 224 -> the frame the model sees
+    # forward/backward go through net
+    net = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
     end_id = M.end_ids(model)[0]
-    train = data.load("train", cfg.train_size or (COLD_START_TRACES if cfg.data == "synthetic" else None), cfg, frame)
+    train = data.load("train",
+                      cfg.train_size or (COLD_START_TRACES if cfg.data == "synthetic" else None),
+                      cfg, frame)
     val = data.load("validation", cfg.eval_n, cfg, frame)[:]
     if not val["question"]:
-        print("sft.py: no validation rows: in-training validation skipped (evaluate.py --split picks another)")
-    budget = M.completion_budget(processor, train["response"])       # validation decodes whole traces
+        print("sft.py: no validation rows: in-training validation skipped (evaluate.py --split "
+              "picks another)")
+    budget = M.completion_budget(processor, train["response"])  # validation decodes whole traces
     if len(train) < cfg.batch_size * cfg.grad_accum:   # a small real file
-        raise SystemExit(f"sft.py: {len(train)} training rows, fewer than --batch-size x --grad-accum "
-                         f"({cfg.batch_size} x {cfg.grad_accum})")
-    if cfg.trace == "answer":   # the no-reasoning baseline: the same samples, the target cut to <answer>...</answer>
-        train = train.map(lambda r: {"response": f"<answer>{reward.parse(r).answer}</answer>"}, input_columns="response")
-    print(f"{cfg.model}: {sum(p.numel() for p in model.parameters()):,} parameters; {len(train)} training samples")
+        raise SystemExit(f"sft.py: {len(train)} training rows, fewer than --batch-size x "
+                         f"--grad-accum ({cfg.batch_size} x {cfg.grad_accum})")
+    # the no-reasoning baseline: the same samples, the target cut to <answer>...</answer>
+    if cfg.trace == "answer":
+        train = train.map(lambda r: {"response": f"<answer>{reward.parse(r).answer}</answer>"},
+                          input_columns="response")
+    print(f"{cfg.model}: {sum(p.numel() for p in model.parameters()):,} parameters; {len(train)} "
+          f"training samples")
 
     opt = run.adamw(param_groups(model, cfg), lr=cfg.lr, betas=(0.9, 0.95))
-    lengths = [len(q) + len(r) for q, r in zip(train["question"], train["response"])]  # characters: a proxy
+    lengths = [len(q) + len(r)
+               for q, r in zip(train["question"], train["response"])]  # characters: a proxy
     start, epoch, order, bad = 0, 0, [], 0
-    if state:   # everything the next step depends on: weights (loaded above), optimizer, data position, RNG
+    # everything the next step depends on: weights (loaded above), optimizer, data position, RNG
+    if state:
         opt.load_state_dict(state["optimizer"])
         start, epoch, order = state["step"], state["epoch"], state["order"]
         run.set_rng_state(state["rng"])
     log = open(os.path.join(cfg.out, "metrics.jsonl"), "a") if master else None
     stop = run.StopOnCtrlC()
-    bar, t0 = tqdm(range(start, cfg.max_steps), desc="sft", initial=start, total=cfg.max_steps, disable=not master), time.time()
+    bar, t0 = tqdm(range(start, cfg.max_steps), desc="sft", initial=start, total=cfg.max_steps,
+                   disable=not master), time.time()
     for step in bar:
         # ---- data: length-grouped batches from a seeded shuffle, a new one each epoch; every rank
         # holds the same order and takes its own grad_accum batches of the world x grad_accum popped
@@ -206,9 +224,10 @@ def main(cfg):
         lr = lr_at(step, cfg)
         for g in opt.param_groups:
             g["lr"] = lr
-        loss = token_mean_backward(net, batches, amp)   # under DDP this also averages the gradients over ranks
+        loss = token_mean_backward(net, batches,
+                                   amp)  # under DDP this also averages the gradients over ranks
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        loss = run.ddp_mean(loss)          # a float, the mean over ranks (so all ranks agree on skipping)
+        loss = run.ddp_mean(loss)  # a float, the mean over ranks (so all ranks agree on skipping)
         finite = math.isfinite(loss) and bool(torch.isfinite(grad_norm))
         if finite:                       # a NaN/inf update would poison every weight: skip it
             opt.step()
@@ -220,19 +239,20 @@ def main(cfg):
         rec = {"step": step + 1, "loss": loss, "lr": lr, "grad_norm": grad_norm.item(),
                "skipped": int(not finite), "elapsed_s": round(time.time() - t0, 1)}
         last = step + 1 == cfg.max_steps
-        if master and val["question"] and ((cfg.eval_every and (step + 1) % cfg.eval_every == 0) or last):
+        if master and val["question"] and ((cfg.eval_every and (step + 1) % cfg.eval_every == 0)
+                                           or last):
             means, example = evaluate.greedy_means(model, processor, val, budget)
             rec.update({f"val_{k}": v for k, v in means.items()})
-            tqdm.write(f"step {step + 1}: loss {loss:.3f} | val " +
-                       " ".join(f"{k} {v:.2f}" for k, v in means.items()) + f"\n  e.g. {example[:160]}")
+            said = " ".join(f"{k} {v:.2f}" for k, v in means.items())
+            tqdm.write(f"step {step + 1}: loss {loss:.3f} | val {said}\n  e.g. {example[:160]}")
         if master:
             log.write(json.dumps(rec) + "\n")
             log.flush()
 
         # ---- checkpoints: periodic and on Ctrl-C; stop on repeated non-finite updates
         if run.after_step("sft.py", cfg, step + 1, bad, stop, model, processor, lambda: {
-                "optimizer": opt.state_dict(), "epoch": epoch, "order": order, "rng": run.rng_state(),
-                "adapters": run.adapter_state(model)}):
+                "optimizer": opt.state_dict(), "epoch": epoch, "order": order,
+                "rng": run.rng_state(), "adapters": run.adapter_state(model)}):
             return
 
     run.ddp_check_in_sync(model)

@@ -21,19 +21,22 @@ def test_pretraining_films_are_never_a_split_image():
     test film (compared pixel for pixel over the first 300 of each)."""
     assert data.STREAMS["pretrain"] not in data.SPLITS.values()
     seen = {np.asarray(f[0]).tobytes() for f in pretrain.films(300, 0)}
-    seen |= {np.asarray(f[0]).tobytes() for f in pretrain.films(300, 1)}               # the card's films
+    seen |= {np.asarray(f[0]).tobytes() for f in pretrain.films(300, 1)}  # the card's films
     for split in data.SPLITS:
-        assert not any(np.asarray(data.make_sample(split, i)["image"]).tobytes() in seen for i in range(300))
+        assert not any(np.asarray(data.make_sample(split, i)["image"]).tobytes() in seen
+                       for i in range(300))
 
 
 def test_pretraining_never_writes_a_thinkvg_trace():
     """No reasoning with boxes followed by an answer: reading texts hold no box and no tag, the
-    one task that writes a box writes the box alone, and no answer follows a reasoning of its own."""
+    one task that writes a box writes the box alone, and no answer follows a reasoning of its
+    own."""
     rng = np.random.default_rng(0)
     pool = pretrain.films(40, 0)
     for i in range(400):
         question, reasoning, answer = pretrain.reading(rng, i, 0.5)
-        assert not reward.BOX.search(question + reasoning + answer) and "<" not in question + reasoning + answer
+        assert not reward.BOX.search(question + reasoning + answer)
+        assert "<" not in question + reasoning + answer
         request, said = pretrain.image_task(rng, pool[i % 40])
         assert "<" not in request + said
         boxes = reward.BOX.findall(said)
@@ -44,8 +47,8 @@ def test_tower_targets_by_hand():
     """A 2x2 token grid on a 20-px frame (cells of 10 px): a region box covering the left column,
     abnormal with a nodule, and one covering only a sliver (< 1/4) of the top-right cell."""
     boxes = {r: [0, 0, 1, 1] for r in data.REGIONS}                    # 1 px: covers no cell enough
-    boxes["right mid lung zone"] = [0, 0, 10, 20]                        # tokens 0 and 2 (left column)
-    boxes["upper mediastinum"] = [18, 0, 20, 10]                         # 2 px of token 1: not enough
+    boxes["right mid lung zone"] = [0, 0, 10, 20]  # tokens 0 and 2 (left column)
+    boxes["upper mediastinum"] = [18, 0, 20, 10]  # 2 px of token 1: not enough
     y = pretrain.tower_targets(boxes, {"right mid lung zone": "nodule"}, grid=2, frame=20)
     k, R = data.REGIONS.index("right mid lung zone"), len(data.REGIONS)
     nodule = 2 * R + list(data.FINDINGS).index("nodule")
@@ -66,15 +69,17 @@ def test_patch_order_matches_the_processor():
     for r in range(pgrid):
         for c in range(pgrid):
             img[r * size:(r + 1) * size, c * size:(c + 1) * size] = 3 * (r * pgrid + c)
-    pix = ip(images=[Image.fromarray(img)], return_tensors="pt")["pixel_values"]    # [patches, C*T*14*14]
+    pix = ip(images=[Image.fromarray(img)],
+             return_tensors="pt")["pixel_values"]  # [patches, C*T*14*14]
     assert pix.shape[0] == pgrid * pgrid
-    seen = pix.mean(-1).argsort().argsort()        # each row's rank by brightness = its raster index
+    seen = pix.mean(-1).argsort().argsort()  # each row's rank by brightness = its raster index
     assert torch.equal(seen, pretrain.patch_order(grid, m))
 
 
 def test_a_short_pretraining_run_writes_a_base_that_loads_like_any_checkpoint(tmp_path):
     out = tmp_path / "base"
-    r = subprocess.run([sys.executable, "pretrain.py", "--steps", "4", "--tower-steps", "2", "--films", "16",
+    r = subprocess.run([sys.executable, "pretrain.py", "--steps", "4", "--tower-steps", "2",
+                        "--films", "16",
                         "--eval-n", "4", "--out", str(out)], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-2000:]
     model, processor = M.load(str(out))
