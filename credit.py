@@ -94,10 +94,13 @@ def coord_advantages(advantages, scores, texts, references, ids, lengths, pieces
     G, (N, T) = group_size, ids.shape
     a_text = reward_advantages(advantages, scores, reward.TEXT_REWARDS, weights, G, adv_norm)
     layouts = [reward.box_layout(t, references[i // G]) for i, t in enumerate(texts)]
-    count = [sum(weights[k] * v for k, v in zip(reward.BOX_REWARDS, reward.box_rewards(
-        sum(b.ref is not None for b in lay.boxes), len(lay.boxes), len(lay.ref))))
-        for lay in layouts]
-    a_count = advantages(torch.tensor(count), G, adv_norm)                                # [N]
+
+    def count_reward(lay):               # the box rewards as if every paired box were exact
+        paired = sum(b.paired is not None for b in lay.boxes)
+        rewards = reward.box_rewards(paired, len(lay.boxes), len(lay.reference_boxes))
+        return sum(weights[k] * v for k, v in zip(reward.BOX_REWARDS, rewards))
+    count = torch.tensor([count_reward(lay) for lay in layouts])
+    a_count = advantages(count, G, adv_norm)                                              # [N]
     adv = a_text.unsqueeze(1).repeat(1, T)                                                # [N, T]
     where = {}                  # (prompt, reference box, coordinate) -> [(row, tokens, e, side)]
     for i, lay in enumerate(layouts):
@@ -112,14 +115,14 @@ def coord_advantages(advantages, scores, texts, references, ids, lengths, pieces
         for box in lay.boxes:
             for c, (s, e) in enumerate(box.numbers):
                 adv[i, tokens(s, e)] = 0.0                            # a number: no text credit
-                if box.ref is not None:
-                    ref_box = lay.ref[box.ref]
+                if box.paired is not None:
+                    ref_box = lay.reference_boxes[box.paired]
                     side = max(ref_box[2 + c % 2] - ref_box[c % 2], 1.0)    # width or height
-                    where.setdefault((i // G, box.ref, c), []).append(
+                    where.setdefault((i // G, box.paired, c), []).append(
                         (i, tokens(s, e), box.errors[c] / side, side))
-            if box.ref is None:
+            if box.paired is None:
                 adv[i, tokens(*box.span)] += a_count[i]
-        if lay.think_end and len(lay.boxes) <= len(lay.ref):
+        if lay.think_end and len(lay.boxes) <= len(lay.reference_boxes):
             adv[i, tokens(*lay.think_end)] += a_count[i]
     shared = [writers for writers in where.values() if len(writers) > 1]   # the group compares
     e_batch = torch.tensor([e for writers in shared for _, _, e, _ in writers],

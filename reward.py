@@ -185,7 +185,7 @@ class Box(NamedTuple):
     """One box of a completion, as box_layout reads it. Character positions index the completion."""
     span: tuple      # (start, end) of the box with the region words before it
     numbers: list    # (start, end) of each of its four numbers
-    ref: int  # the reference box the reward pairs it with; None: unpaired (not in the reference)
+    paired: int      # index of the reference box the reward pairs it with; None: unpaired
     errors: list     # |pred_c - ref_c| in pixels for c = 0..3; None when unpaired
 
 
@@ -194,7 +194,7 @@ class BoxLayout:
     """Where a completion's boxes are and what the reward made of them (grpo.py's --credit coord).
     Character positions index the completion string."""
     boxes: list = field(default_factory=list)   # Box per reasoning box, in order of writing
-    ref: list = field(default_factory=list)     # the reference's boxes, [x1, y1, x2, y2] each
+    reference_boxes: list = field(default_factory=list)  # [x1, y1, x2, y2] each
     think_end: tuple = None                     # (start, end) of the </think> tag, or None
 
 

@@ -227,7 +227,7 @@ def test_coordinate_credit_is_matched_by_geometry_not_wording(style):
     texts = [completion((72, 88, 158, 171), (33, 149, 68, 194)),
              completion((69, 93, 165, 166), (28, 152, 73, 185))]
     layout = reward.box_layout(texts[0], ref)
-    assert [(x.ref, x.errors) for x in layout.boxes] == [(1, [3.0, 1.0, 2.0, 4.0]),
+    assert [(x.paired, x.errors) for x in layout.boxes] == [(1, [3.0, 1.0, 2.0, 4.0]),
                                                          (0, [2.0, 2.0, 2.0, 1.0])]
     scores = [reward.score(t, ref, "closed_ended_questions") for t in texts]
     a, ids, at = _coord(texts, ref, scores, reward.DEFAULT_WEIGHTS, "none")

@@ -39,7 +39,7 @@ def test_every_component_is_a_float_in_unit_interval(text, qtype, frame):
         for b in layout.boxes:
             assert 0 <= b.span[0] <= b.numbers[0][0]
             assert b.numbers[-1][1] <= b.span[1] <= len(completion)
-            assert b.ref is None or (0 <= b.ref < len(layout.ref)
+            assert b.paired is None or (0 <= b.paired < len(layout.reference_boxes)
                                      and all(0 <= e < float("inf") for e in b.errors))
 
 
