@@ -37,8 +37,8 @@ class DataConfig:
     n_val: int = 500        # samples in the validation split
     n_test: int = 1000      # samples in the test split
 
-SPLITS = {"train": 0, "validation": 1,
-          "test": 2}  # the split id goes into the seed: no shared images
+# the split id goes into the seed: no shared images
+SPLITS = {"train": 0, "validation": 1, "test": 2}
 STREAMS = {**SPLITS, "pretrain": 3}               # + pretrain.py's films and texts: never a split's
 
 # Chest ImaGenome-style anatomical regions. "right"/"left" are the patient's.
@@ -234,8 +234,8 @@ def _header(rng, index):
     needs_finding = qtype in ("open_ended_questions", "multi_choice_questions") or (
         qtype in ("closed_ended_questions", "single_choice_questions") and variant)
     findings = sample_findings(rng, min_n=int(needs_finding))
-    if variant and qtype in ("open_ended_questions",
-                             "single_choice_questions"):  # "where is the X?"
+    # "where is the X?"
+    if variant and qtype in ("open_ended_questions", "single_choice_questions"):
         findings = ([f for f in findings if f[0] != "cardiomegaly"]
                     or [("nodule", LUNG_ZONES[rng.integers(6)])])
     return qtype, variant, findings

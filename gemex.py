@@ -66,8 +66,8 @@ def _source_hash(file):
 
 
 GEMEX_COLUMNS = ["image_path", "question", "question_type", "response"]
-HELD_OUT = {"validation": (0.00, 0.02),
-            "test": (0.02, 0.07)}  # hash ranges of IMAGES; the rest is train
+# hash ranges of IMAGES; the rest is train
+HELD_OUT = {"validation": (0.00, 0.02), "test": (0.02, 0.07)}
 
 
 def split_of(image_path):

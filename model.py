@@ -31,8 +31,8 @@ from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_res
 
 SYSTEM_PROMPT = ("Reason in <think> naming each region you check with its box, "
                  "then answer in <answer>.")
-VISION_TOKENS = ["<|vision_start|>", "<|vision_end|>", "<|image_pad|>",
-                 "<|video_pad|>"]  # never in a completion
+# never in a completion
+VISION_TOKENS = ["<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]
 SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", *VISION_TOKENS]
 TAGS = ["<think>", "</think>", "<answer>", "</answer>"]  # plain added tokens: they survive decoding
 CHAT_TEMPLATE = (  # Qwen's ChatML, reduced to what we use: text and image parts
@@ -79,8 +79,8 @@ def load(name_or_path, device="cpu", dtype=torch.float32):
         # straight onto the device in its dtype: a 7B checkpoint never exists in float32 on the CPU
         model = cls.from_pretrained(name_or_path, dtype=dtype, device_map=torch.device(device))
         processor = ImageOnlyProcessor.from_pretrained(name_or_path)
-    except (OSError, ValueError,
-            RuntimeError) as e:  # missing/truncated weights, tokenizer files, ...
+    # missing/truncated weights, tokenizer files, ...
+    except (OSError, ValueError, RuntimeError) as e:
         raise SystemExit(f"checkpoint {name_or_path}: cannot load ({str(e).splitlines()[0][:160]})")
     processor.tokenizer.padding_side = "left"
     assert processor.tokenizer.pad_token_id is not None, f"{name_or_path}: no pad token"
@@ -337,8 +337,8 @@ def completion_logprobs(model, prompt, completion_ids, completion_mask, entropy=
         attention = torch.cat([prompt["attention_mask"].repeat_interleave(repeats, 0),
                                completion_mask.to(prompt["attention_mask"].dtype)], 1)  # [N, P+T]
         rest = model(input_ids=completion_ids, attention_mask=attention, past_key_values=cache,
-                     position_ids=pos.unsqueeze(0).expand(3, -1, -1),
-                     use_cache=True).logits  # [N, T, V]
+                     position_ids=pos.unsqueeze(0).expand(3, -1, -1), use_cache=True
+                     ).logits                                                      # [N, T, V]
         first = last.repeat_interleave(repeats, 0).unsqueeze(1)                    # [N, 1, V]
         logits = torch.cat([first, rest[:, :-1]], 1)                                # [N, T, V]
     # The logits stay in the model's dtype; each chunk of positions is made float32, scored and

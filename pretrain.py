@@ -278,8 +278,8 @@ def warm_up_tower(model, processor, pool, cfg, device, frame=112, batch=32):
         idx = torch.randint(0, len(pool), (batch,), generator=g)
         pix = ip(images=[pool[i][0] for i in idx], return_tensors="pt").to(device)
         out = tower(pix["pixel_values"], grid_thw=pix["image_grid_thw"])
-        feats = getattr(out, "pooler_output", out).reshape(batch, grid * grid,
-                                                           -1)  # [B, grid*grid, D]
+        # [B, grid*grid, D]
+        feats = getattr(out, "pooler_output", out).reshape(batch, grid * grid, -1)
         patches = seen["h"].reshape(batch, pgrid * pgrid, -1)  # [B, pgrid*pgrid, width]
         # a region is abnormal on ~8% of films: positives weigh 3x
         three = torch.tensor(3.0, device=device)

@@ -39,8 +39,8 @@ from typing import NamedTuple
 DEFAULT_WEIGHTS = {"format": 0.25, "answer": 1.0, "grounding": 0.5, "iou": 0.25}
 # ("format", "answer", "grounding", "iou"): every log and table uses these
 REWARDS = tuple(DEFAULT_WEIGHTS)
-TEXT_REWARDS, BOX_REWARDS = ("format", "answer"), ("grounding",
-                                                   "iou")  # decided by text tokens / by box digits
+# decided by text tokens / by box digits
+TEXT_REWARDS, BOX_REWARDS = ("format", "answer"), ("grounding", "iou")
 GROUNDING_IOU = 0.75   # the paper's threshold on the mean matched IoU
 MAX_BOXES = 32         # boxes beyond this are counted (they cost IoU) but never matched
 MAX_COORD = 10_000     # a coordinate above this is not a pixel of any image we use
@@ -90,8 +90,8 @@ def _reasoning_span(text):
     a1 = text.find("</answer>", a0 + 1) if a0 >= 0 else -1
     if 0 <= t0 < t1:
         return (t0 + 7, t1), (t0, t1, a0, a1)
-    return (0, a0 if a0 >= 0 else len(text)), (t0, t1, a0,
-                                               a1)  # no think span: all before the answer
+    # no think span: all before the answer
+    return (0, a0 if a0 >= 0 else len(text)), (t0, t1, a0, a1)
 
 
 def _region_before(text, end, raw=False):
@@ -243,10 +243,9 @@ def letters(text):
                        for c in re.findall(r"[A-Ha-h]", bare)})  # letters only: each counts
     found = set()
     for part in re.split(r"[,;/&]", bare[:2000]):
-        m = (re.match(r"\s*[(\['\"]*([A-H])(?:[.:)\]'\"]|\s|$)",
-                      part)  # opens the option: 'C: 1.2 cm'
-             or re.search(r"(?<![^\W\d_])([A-H])[\s.)\]'\"]*$",
-                          part))  # or ends the clause: 'is B.'
+        # a letter that opens the option ('C: 1.2 cm') or ends the clause ('is B.')
+        m = (re.match(r"\s*[(\['\"]*([A-H])(?:[.:)\]'\"]|\s|$)", part)
+             or re.search(r"(?<![^\W\d_])([A-H])[\s.)\]'\"]*$", part))
         if m:
             found.add(m.group(1))
     return sorted(found)

@@ -52,7 +52,7 @@ class SFTConfig(run.MemoryFlags, data.DataFlags):
     max_steps: int = 1000        # optimizer steps: 16 epochs of the 1000 default traces
     batch_size: int = 16         # samples per forward/backward
     grad_accum: int = 1          # forward/backwards per optimizer step (batch = grad_accum x size)
-    lr: float = 2e-3  # peak learning rate (tiny model from scratch; ~1e-5 for a pretrained 3B)
+    lr: float = 2e-3             # peak learning rate (the tiny base; a 3B: ~1e-5, LoRA ~1e-4)
     warmup_steps: int = 100      # linear warm-up steps before cosine decay to 10% of lr
     weight_decay: float = 0.01   # AdamW decoupled weight decay
     grad_clip: float = 1.0       # clip the global gradient norm to this
@@ -124,9 +124,9 @@ def param_groups(model, cfg):
     groups = {}
     for p in model.parameters():
         if p.requires_grad:              # --freeze-vision, LoRA: frozen weights get no AdamW state
-            groups.setdefault(p.dim() >= 2, {"params": [], "weight_decay": cfg.weight_decay
-                                             if p.dim() >= 2 else 0.0}
-                              )["params"].append(p)
+            group = groups.setdefault(p.dim() >= 2, {"params": [], "weight_decay": 0.0})
+            group["weight_decay"] = cfg.weight_decay if p.dim() >= 2 else 0.0
+            group["params"].append(p)
     return list(groups.values())
 
 
@@ -145,9 +145,8 @@ def token_mean_backward(net, batches, amp=torch.float32):
     n_tokens = sum(float(mask.sum()) for _, _, mask in batches)
     loss = 0.0
     for j, (prompt, ids, mask) in enumerate(batches):
-        if isinstance(net,
-                      torch.nn.parallel.DistributedDataParallel):  # all-reduce once, after the last
-            net.require_backward_grad_sync = j == len(batches) - 1
+        if isinstance(net, torch.nn.parallel.DistributedDataParallel):   # all-reduce once,
+            net.require_backward_grad_sync = j == len(batches) - 1        # after the last
         with torch.autocast(ids.device.type, dtype=amp, enabled=amp != torch.float32):
             logp = M.completion_logprobs(net, prompt, ids, mask)          # [B, T]
         part = -(logp * mask).sum() / n_tokens
@@ -176,8 +175,8 @@ def main(cfg):
     if state and cfg.lora_r:
         run.load_adapters(model, state["adapters"])
     model.train()
-    frame = M.image_frame(processor,
-                          data.GEMEX_FRAME)  # gemex boxes move 224 -> the frame the model sees
+    # gemex boxes move 224 -> the frame the model sees
+    frame = M.image_frame(processor, data.GEMEX_FRAME)
     # forward/backward go through net
     net = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
     end_id = M.end_ids(model)[0]
@@ -200,8 +199,8 @@ def main(cfg):
           f"training samples")
 
     opt = run.adamw(param_groups(model, cfg), lr=cfg.lr, betas=(0.9, 0.95))
-    lengths = [len(q) + len(r)
-               for q, r in zip(train["question"], train["response"])]  # characters: a proxy
+    # characters: a proxy for tokens
+    lengths = [len(q) + len(r) for q, r in zip(train["question"], train["response"])]
     start, epoch, order, bad = 0, 0, [], 0
     # everything the next step depends on: weights (loaded above), optimizer, data position, RNG
     if state:
@@ -224,8 +223,8 @@ def main(cfg):
         lr = lr_at(step, cfg)
         for g in opt.param_groups:
             g["lr"] = lr
-        loss = token_mean_backward(net, batches,
-                                   amp)  # under DDP this also averages the gradients over ranks
+        # under DDP this also averages the gradients over ranks
+        loss = token_mean_backward(net, batches, amp)
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         loss = run.ddp_mean(loss)  # a float, the mean over ranks (so all ranks agree on skipping)
         finite = math.isfinite(loss) and bool(torch.isfinite(grad_norm))

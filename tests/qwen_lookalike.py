@@ -177,8 +177,8 @@ def build(out, size="toy", tail_scale=20.0):
     model = build_model(size, "cuda" if size != "toy" and torch.cuda.is_available() else "cpu",
                         torch.float32 if size == "toy" else torch.bfloat16, tail_scale)
     model.save_pretrained(out)                   # legacy weight names, as on the hub
-    json.dump(config_json(size), open(os.path.join(out, "config.json"), "w"),
-              indent=2)  # the hub's layout
+    # the hub's layout
+    json.dump(config_json(size), open(os.path.join(out, "config.json"), "w"), indent=2)
     write_tokenizer(out)
     n = sum(p.numel() for p in model.parameters())
     print(f"{out}: Qwen2.5-VL-{size} lookalike, {n:,} parameters, vocabulary {VOCAB:,} rows / "

@@ -12,11 +12,11 @@ import evaluate
 
 def test_paired_bootstrap_hand_cases():
     a = [0.0, 1.0, 0.0, 1.0] * 50
-    assert evaluate.paired_bootstrap(a, a, 500) == {"diff": 0.0, "lo": 0.0,
-                                                    "hi": 0.0}  # same model: exactly 0
+    # same model: exactly 0
+    assert evaluate.paired_bootstrap(a, a, 500) == {"diff": 0.0, "lo": 0.0, "hi": 0.0}
     b = [x + 1.0 for x in a]
-    assert evaluate.paired_bootstrap(a, b, 500) == {"diff": 1.0, "lo": 1.0,
-                                                    "hi": 1.0}  # constant gain: no spread
+    # constant gain: no spread
+    assert evaluate.paired_bootstrap(a, b, 500) == {"diff": 1.0, "lo": 1.0, "hi": 1.0}
     # 60 of 200 samples flip 0 -> 1 and 20 flip 1 -> 0: gain 0.2, standard error ~0.039
     rng = np.random.default_rng(1)
     a = np.zeros(200)
@@ -34,8 +34,8 @@ def test_seed_interval_by_hand():
     r = evaluate.seed_interval([0.053, 0.017, 0.049])
     assert r["diff"] == pytest.approx(0.039667, abs=1e-6)
     assert r["lo"] == pytest.approx(-0.009, abs=5e-4) and r["hi"] == pytest.approx(0.089, abs=5e-4)
-    assert evaluate.seed_interval([0.02, 0.02, 0.02]) == {"diff": 0.02, "lo": 0.02,
-                                                          "hi": 0.02}  # no spread
+    # no spread
+    assert evaluate.seed_interval([0.02, 0.02, 0.02]) == {"diff": 0.02, "lo": 0.02, "hi": 0.02}
     one = evaluate.seed_interval([0.1])
     assert one["diff"] == 0.1 and np.isnan(one["lo"])  # one seed says nothing about seeds
     five = evaluate.seed_interval([0.0, 0.1, 0.0, 0.1, 0.05])  # sd 0.05, t(0.975, 4) = 2.776
@@ -139,10 +139,10 @@ def test_consistency_on_hand_made_cases():
                    "opacity.</think>")
     says_clear = "<think>The left lower lung zone [60, 65, 100, 95] is clear.</think>"
     assert c(says_nodule + "<answer>yes</answer>", q, "closed_ended_questions") == 1.0
-    assert c(says_nodule + "<answer>no</answer>", q,
-             "closed_ended_questions") == 0.0  # contradicts itself
-    assert c(says_clear + "<answer>no</answer>", q,
-             "closed_ended_questions") == 1.0  # consistent, maybe wrong
+    # contradicts itself
+    assert c(says_nodule + "<answer>no</answer>", q, "closed_ended_questions") == 0.0
+    # consistent, maybe wrong
+    assert c(says_clear + "<answer>no</answer>", q, "closed_ended_questions") == 1.0
     other = "<think>The right upper lung zone [5, 10, 50, 45] is clear.</think><answer>no</answer>"
     assert c(other, q, "closed_ended_questions") == 0.0  # never looked there
     assert c("<answer>yes</answer>", q, "closed_ended_questions") == 0.0  # no reasoning at all
@@ -158,8 +158,8 @@ def test_consistency_on_hand_made_cases():
                          " The upper mediastinum [45, 5, 65, 50] is clear.</think>")
     assert c(four + "<answer>B, C, D</answer>", q, "multi_choice_questions") == 1.0
     assert c(four + "<answer>B, C</answer>", q, "multi_choice_questions") == 0.0
-    assert c(think + "<answer>B</answer>", q,
-             "multi_choice_questions") == 0.0  # C and D never described
+    # C and D never described
+    assert c(think + "<answer>B</answer>", q, "multi_choice_questions") == 0.0
     q = "What abnormality is seen in the left mid lung zone?"
     assert c(think + "<answer>mass</answer>", q, "open_ended_questions") == 1.0
     assert c(think + "<answer>none</answer>", q, "open_ended_questions") == 0.0

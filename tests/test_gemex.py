@@ -144,18 +144,18 @@ def test_splits_are_by_image_and_broken_rows_are_counted(gemex_files, capsys):
                 or images["validation"] & images["test"])                 # no image in two splits
     row = splits["test"][0]
     assert row["image"].size == (112, 112) and row["image"].mode == "L"
-    assert set(row) == {"image_path", "image", "question", "question_type",
-                        "response"}  # as load_synthetic
+    # as load_synthetic
+    assert set(row) == {"image_path", "image", "question", "question_type", "response"}
     for r in splits["train"]:
         assert all(reward.valid_box(b, (112, 112)) for _, b in reward.parse(r["response"]).boxes)
-    subset = gemex.load_gemex("train", 4, path=path, image_root=root,
-                              frame=112)  # a seeded random sample
+    # a seeded random sample
+    subset = gemex.load_gemex("train", 4, path=path, image_root=root, frame=112)
     assert len(subset) == 4 and subset["question"] != splits["train"]["question"][:4]
     assert subset["question"] == gemex.load_gemex("train", 4, path=path, image_root=root,
                                                   frame=112)["question"]
     capsys.readouterr()
-    assert len(gemex.load_gemex("test", 99, path=path, image_root=root,
-                                frame=112)) == 16  # all there is, said
+    # all there is, said
+    assert len(gemex.load_gemex("test", 99, path=path, image_root=root, frame=112)) == 16
     assert "99 samples asked for, 16 usable: using all 16" in capsys.readouterr().out
 
 

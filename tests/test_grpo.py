@@ -53,12 +53,12 @@ def _tokens(tok, texts):
 def test_span_credit_by_hand():
     # one group of 2: completion 0 has the right answer but a loose box, completion 1 the reverse
     tok = pretrain.build_tokenizer()
-    is_digit = credit.digit_tokens(credit.token_pieces(tok,
-                                                       len(tok) + 3))  # + 3 ids past the tokenizer
+    # + 3 ids past the tokenizer
+    is_digit = credit.digit_tokens(credit.token_pieces(tok, len(tok) + 3))
     assert is_digit.shape == (len(tok) + 3,) and is_digit.sum() == 10
     assert all(is_digit[tok.convert_tokens_to_ids(str(d))] for d in range(10))
-    ids = torch.tensor([tok("[1, 2] yes")["input_ids"],
-                        tok("[3, 4] no")["input_ids"]])  # 8 tokens each
+    # 8 tokens each
+    ids = torch.tensor([tok("[1, 2] yes")["input_ids"], tok("[3, 4] no")["input_ids"]])
     scores = [{"format": 1, "answer": 1, "grounding": 0, "iou": 0.2},
               {"format": 1, "answer": 0, "grounding": 1, "iou": 0.9}]
     w = {"format": 0.25, "answer": 1.0, "grounding": 1.0, "iou": 0.5}
@@ -131,17 +131,17 @@ def test_coordinate_credit_by_hand(norm):
     box = at(1, "cardiac silhouette [1, 2, 3, 4]")
     digit_ids = ids.new_tensor(pretrain.build_tokenizer().convert_tokens_to_ids(list("1234")))
     digits = [p for p in box if ids[1, p] in digit_ids]
-    assert len(digits) == 4 and torch.allclose(a[1, digits], torch.tensor(-k),
-                                               atol=1e-3)  # the hallucination: count
+    # the hallucination: count
+    assert len(digits) == 4 and torch.allclose(a[1, digits], torch.tensor(-k), atol=1e-3)
     words = [p for p in box if p not in digits]
-    assert torch.allclose(a[1, words], torch.tensor(-t - k),
-                          atol=1e-3)  # its name and brackets: text + count
-    assert torch.allclose(a[0, at(0, "</think>")], torch.tensor(t + k),
-                          atol=1e-3)  # 0 stopped at the right count
-    assert torch.allclose(a[1, at(1, "</think>")], torch.tensor(-t),
-                          atol=1e-3)  # 1 stopped late: its box is blamed
-    assert torch.allclose(a[0, at(0, "is clear.")], torch.tensor(t),
-                          atol=1e-3)  # every other token: the text's
+    # its name and brackets: text + count
+    assert torch.allclose(a[1, words], torch.tensor(-t - k), atol=1e-3)
+    # 0 stopped at the right count
+    assert torch.allclose(a[0, at(0, "</think>")], torch.tensor(t + k), atol=1e-3)
+    # 1 stopped late: its box is blamed
+    assert torch.allclose(a[1, at(1, "</think>")], torch.tensor(-t), atol=1e-3)
+    # every other token: the text's
+    assert torch.allclose(a[0, at(0, "is clear.")], torch.tensor(t), atol=1e-3)
     # text that does not match its tokens (here one number too few): no box credit in that row
     tok = pretrain.build_tokenizer()
     b = credit.coord_advantages(grpo.advantages, scores, [texts[0], texts[1][:40]], [REF1], ids,
@@ -320,8 +320,8 @@ def _rollout(n_prompts=2, G=3):
     rows = [data.make_sample("train", i) for i in range(n_prompts)]
     roll = M.sample(policy, processor, [r["image"] for r in rows], [r["question"] for r in rows], G,
                     max_new_tokens=10)
-    for i, n in enumerate([10, 4, 7, 2, 9,
-                           3][:n_prompts * G]):  # completions of different lengths, as if ended
+    # completions of different lengths, as if ended
+    for i, n in enumerate([10, 4, 7, 2, 9, 3][:n_prompts * G]):
         roll["completion_mask"][i, n:] = 0
     return policy, roll
 
@@ -352,8 +352,8 @@ def test_micro_batches_cut_prompts_by_group():
     # group 2 straddles
     assert [(s[0].start, s[0].stop, r) for s, _, r in parts] == [(0, 4, [3, 1]), (4, 6, [2])]
     lengths = roll["completion_mask"].sum(1)
-    assert [s[1].stop for s, _, _ in parts] == [int(lengths[:4].max()),
-                                                int(lengths[4:].max())]  # columns: to the longest
+    # columns: to the longest
+    assert [s[1].stop for s, _, _ in parts] == [int(lengths[:4].max()), int(lengths[4:].max())]
     assert torch.equal(parts[0][1]["input_ids"], roll["prompt"]["input_ids"])
     assert torch.equal(parts[1][1]["input_ids"], roll["prompt"]["input_ids"][1:])
     for _, p, _ in parts:

@@ -300,8 +300,8 @@ def test_memory_plan_flags_change_memory_not_maths():
     small = s["image"].resize((56, 56))
     ids = M.build_prompts(processor, [small], ["q"])["input_ids"]
     assert int((ids == processor.image_token_id).sum()) == 4
-    with pytest.raises(AssertionError,
-                       match="another frame"):  # a 112 image would be resized: refused
+    # a 112 image would be resized: refused
+    with pytest.raises(AssertionError, match="another frame"):
         M.build_prompts(processor, [s["image"]], ["q"])
 
     model, processor = pretrain.build()
@@ -328,8 +328,8 @@ def test_a_processor_with_a_larger_budget_still_reads_the_synthetic_set():
     frame)."""
     from transformers.image_utils import SizeDict
     _, processor = pretrain.build()
-    processor.image_processor.size = SizeDict(shortest_edge=56 * 56,
-                                              longest_edge=28 * 28 * 1280)  # Qwen's defaults
+    # Qwen's defaults
+    processor.image_processor.size = SizeDict(shortest_edge=56 * 56, longest_edge=28 * 28 * 1280)
     frame = M.image_frame(processor, data.GEMEX_FRAME)
     assert frame == 224
     rows = data.load("validation", 2, data.DataFlags(data="synthetic"), frame=frame)[:]

@@ -69,8 +69,8 @@ def test_patch_order_matches_the_processor():
     for r in range(pgrid):
         for c in range(pgrid):
             img[r * size:(r + 1) * size, c * size:(c + 1) * size] = 3 * (r * pgrid + c)
-    pix = ip(images=[Image.fromarray(img)],
-             return_tensors="pt")["pixel_values"]  # [patches, C*T*14*14]
+    # [patches, C*T*14*14]
+    pix = ip(images=[Image.fromarray(img)], return_tensors="pt")["pixel_values"]
     assert pix.shape[0] == pgrid * pgrid
     seen = pix.mean(-1).argsort().argsort()  # each row's rank by brightness = its raster index
     assert torch.equal(seen, pretrain.patch_order(grid, m))
