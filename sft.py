@@ -120,14 +120,12 @@ def batch_order(lengths, batch_size, seed, group=16):
 
 
 def param_groups(model, cfg):
-    """Matrices get weight decay, vectors (norms, biases) none; frozen weights no AdamW state."""
-    groups = {}
-    for p in model.parameters():
-        if p.requires_grad:              # --freeze-vision, LoRA: frozen weights get no AdamW state
-            group = groups.setdefault(p.dim() >= 2, {"params": [], "weight_decay": 0.0})
-            group["weight_decay"] = cfg.weight_decay if p.dim() >= 2 else 0.0
-            group["params"].append(p)
-    return list(groups.values())
+    """Matrices get weight decay, vectors (norms, biases) none; frozen weights no AdamW state
+    (--freeze-vision, LoRA)."""
+    trained = [p for p in model.parameters() if p.requires_grad]
+    groups = ({"params": [p for p in trained if p.dim() >= 2], "weight_decay": cfg.weight_decay},
+              {"params": [p for p in trained if p.dim() < 2], "weight_decay": 0.0})
+    return [g for g in groups if g["params"]]
 
 
 def sft_batch(processor, rows, end_id, device):
