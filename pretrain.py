@@ -187,17 +187,24 @@ def reading_index(rng, choice_share):
     return 4 * int(rng.integers(10 ** 9)) + int(kind)
 
 
+def chat_texts(processor, requests, with_image, written=None):
+    """The chat prompts, as text: the base's system prompt, the user's request (after an image
+    placeholder when with_image), and the start of the assistant's turn, which `written` (a
+    reasoning the base reads, never a target) continues."""
+    image = [{"type": "image"}] if with_image else []
+    return [processor.apply_chat_template(
+        [{"role": "system", "content": BASE_SYSTEM},
+         {"role": "user", "content": image + [{"type": "text", "text": q}]}],
+        add_generation_prompt=True, tokenize=False) + (written[i] if written else "")
+        for i, q in enumerate(requests)]
+
+
 def chat(processor, images, requests, answers, device, written=None):
     """Chat prompts under the base's system prompt (with a film each, or text only), optionally
     followed by the start of the assistant's turn (`written`: a reasoning the base reads, never a
     target), and the answers -> (prompt BatchFeature, answer ids [B, T], mask [B, T]: the answer
     and its end of turn)."""
-    texts = [processor.apply_chat_template(
-        [{"role": "system", "content": BASE_SYSTEM},
-         {"role": "user",
-          "content": ([{"type": "image"}] if images else []) + [{"type": "text", "text": q}]}],
-        add_generation_prompt=True, tokenize=False) + (written[i] if written else "")
-        for i, q in enumerate(requests)]
+    texts = chat_texts(processor, requests, bool(images), written)
     prompt = processor(images=[[im] for im in images] if images else None, text=texts,
                        return_tensors="pt", padding=True).to(device)
     ids, mask = M.tokenize_completions(processor, answers,
@@ -306,12 +313,7 @@ def card(model, processor, seed, n, device):
     held = films(n, seed + 1, 0)  # another seed: unseen films
 
     def greedy(images, requests, budget, written=None):
-        texts = [processor.apply_chat_template(
-            [{"role": "system", "content": BASE_SYSTEM},
-             {"role": "user",
-              "content": ([{"type": "image"}] if images else []) + [{"type": "text", "text": q}]}],
-            add_generation_prompt=True, tokenize=False) + (written[i] if written else "")
-            for i, q in enumerate(requests)]
+        texts = chat_texts(processor, requests, bool(images), written)
         answers = []
         for i in range(0, len(texts), 100):
             prompt = processor(images=[[im] for im in images[i:i + 100]] if images else None,
