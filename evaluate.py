@@ -221,10 +221,9 @@ def paired_bootstrap(a, b, n_boot, seed=0):
 
 
 # t(0.975) with 1..30 degrees of freedom: the 95% interval of a mean over a few seeds
-T975 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160,
-        2.145, 2.131,
-        2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048,
-        2.045, 2.042]
+T975 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228,
+        2.201, 2.179, 2.160, 2.145, 2.131, 2.120, 2.110, 2.101, 2.093, 2.086,
+        2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042]
 
 
 def seed_interval(deltas):
@@ -293,9 +292,8 @@ def print_table(summaries, baseline, ref_boxes):
     print(f"{'checkpoint':<28}" + "".join(f"{c:>11}" for c in heads))
     for s in summaries:
         vals = [s[m] for m in METRICS] + [s["accuracy_by_type"][t] for t in data.QUESTION_TYPES]
-        print(f"{s['checkpoint'][-28:]:<28}" + "".join(f"{v:>11.3f}" if c not in UNBOUNDED
-                                                       else f"{v:>11.2f}"
-                                                        for c, v in zip(cols, vals)))
+        cells = [f"{v:>11.2f}" if c in UNBOUNDED else f"{v:>11.3f}" for c, v in zip(cols, vals)]
+        print(f"{s['checkpoint'][-28:]:<28}" + "".join(cells))
     print(f"{'majority-answer baseline':<28}" + " " * 11 * len(METRICS) +
           "".join(f"{baseline[t]:>11.3f}" for t in data.QUESTION_TYPES))
     print(f"{'reference':<28}" + " " * 11 * METRICS.index("n_boxes") + f"{ref_boxes:>11.2f}")
@@ -307,9 +305,8 @@ def paired_metrics(a, b, n_boot):
     for t in data.QUESTION_TYPES:
         keep = [i for i, x in enumerate(a) if x["question_type"] == t]
         if keep:
-            out[f"acc_{t.split('_')[0]}"] = paired_bootstrap([a[i]["accuracy"] for i in keep],
-                                                             [b[i]["accuracy"] for i in keep],
-                                                             n_boot)
+            acc_a, acc_b = [a[i]["accuracy"] for i in keep], [b[i]["accuracy"] for i in keep]
+            out[f"acc_{t.split('_')[0]}"] = paired_bootstrap(acc_a, acc_b, n_boot)
     return out
 
 

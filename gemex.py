@@ -189,8 +189,8 @@ def load_gemex(split, n=None, path=GEMEX_HUB_ID, image_root="", frame=GEMEX_FRAM
     if not os.path.isdir(image_root):
         raise SystemExit(f"--image-root {image_root!r}: not a directory (the MIMIC-CXR-JPG files/ "
                          f"directory)")
-    if not any(split_of(p) == split
-               for p in read_gemex_table(path)["image_path"]):  # a small file: a course's subset
+    paths = read_gemex_table(path)["image_path"]
+    if not any(split_of(p) == split for p in paths):        # a small file: a course's subset
         lo, hi = HELD_OUT.get(split, (max(h for _, h in HELD_OUT.values()), 1.0))
         print(f"gemex {split}: no image of {path} falls in the {split} split ({hi - lo:.0%} of "
               f"images, chosen by a hash of the path)")

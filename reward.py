@@ -239,8 +239,8 @@ def letters(text):
     bare = re.sub(r"\b(?:and|or|options?|answers?)\b", " ", text, flags=re.IGNORECASE)
     if (re.fullmatch(r"[A-Ha-h\s,;/&()\[\].:+'\"-]*", bare) and re.search(r"[A-Ha-h]", bare)
             and not re.search(r"[A-Za-z]{2}", bare)):
-        return sorted({c.upper()
-                       for c in re.findall(r"[A-Ha-h]", bare)})  # letters only: each counts
+        # letters only: each counts
+        return sorted({c.upper() for c in re.findall(r"[A-Ha-h]", bare)})
     found = set()
     for part in re.split(r"[,;/&]", bare[:2000]):
         # a letter that opens the option ('C: 1.2 cm') or ends the clause ('is B.')
