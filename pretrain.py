@@ -14,16 +14,18 @@ test splits) and never from a ThinkVG trace (no reasoning with boxes followed by
              "Describe the cardiac silhouette." -> "The cardiac silhouette has a normal outline."
   grounding  "Locate the right costophrenic angle." -> "[12, 70, 30, 88]" (absolute pixels, as
              Qwen2.5-VL is pretrained to write them)
-  reading    text only: a question with its options, a written reasoning (statements about
-             regions, no boxes) -> the answer it implies ("... Answer: B"), e.g. the option
-             letter of the region the reasoning says holds the finding.
+  reading    text only: a question with its options and a written reasoning (statements
+             about regions, no boxes) -> the answer it implies. Half the time the reasoning is
+             a passage in the user's turn ("<statements>\n<question>" -> "B"), half the time
+             the assistant's own chain of thought ("<question>" -> "<statements>\nAnswer: B",
+             the statements context, the answer the target), as a pretrained LLM reads both.
              Two regions named and four lettered options is a three-hop lookup a small decoder
              learns only through a curriculum: one statement first, then both.
 
 Before the language-model phase, the vision tower learns what each film shows and where, with
 heads of its own (warm_up_tower): from the language loss alone a from-scratch tower learns slowly.
 
-    python pretrain.py                       # ~80 min on 2 CPU cores: writes BASE and its card
+    python pretrain.py                       # ~75 min on 2 CPU cores: writes BASE and its card
     python pretrain.py --steps 200 --out /tmp/base    # a quick look
 """
 import functools
@@ -64,6 +66,7 @@ class PretrainConfig:
     warmup_steps: int = 200        # linear warm-up, then cosine decay to 10%
     curriculum: float = 0.3        # share of the steps taken to go from 1 region named to 2
     choice_share: float = 0.6      # share of reading samples with lettered options
+    in_prompt: float = 0.5         # share of reading with the reasoning in the user's turn
     eval_n: int = 400              # held-out samples per task for the card
     seed: int = 0                  # seed for the architecture's init, the films and the order
 
@@ -177,6 +180,13 @@ def reading(rng, index, one_statement):
         statements = statements[:1]                           # the answer's region only
     order = rng.permutation(len(statements))
     return question, " ".join(statements[i] for i in order) + "\nAnswer:", " " + answer
+
+
+def in_prompt(question, reasoning, answer):
+    """The same exercise as reading comprehension: the reasoning in the user's turn before the
+    question, the answer as the whole reply -> (request, written: none, answer). A pretrained
+    LLM reads both ways: a passage it is given, and its own chain of thought."""
+    return reasoning.removesuffix("\nAnswer:") + "\n" + question, "", answer.strip()
 
 
 def reading_index(rng, choice_share):
@@ -345,9 +355,11 @@ def card(model, processor, seed, n, device):
         q, r, a = reading(rng, i, 0.0)
         templates.setdefault(_template(q), []).append((q, r, a))
     for name, qra in sorted(templates.items()):
-        said = greedy([], [q for q, _, _ in qra], 12, [r for _, r, _ in qra])
-        out[f"reading: {name}"] = float(np.mean([s.strip() == a.strip()
-                                                 for s, (_, _, a) in zip(said, qra)]))
+        for where, exercises in (("its own reasoning", qra),
+                                 ("in the prompt", [in_prompt(*x) for x in qra])):
+            said = greedy([], [q for q, _, _ in exercises], 12, [r for _, r, _ in exercises])
+            out[f"reading {where}: {name}"] = float(np.mean([
+                s.strip() == a.strip() for s, (_, _, a) in zip(said, exercises)]))
     model.train()
     return out
 
@@ -416,6 +428,7 @@ def main(cfg):
             one = max(0.0, 1.0 - step / max(1.0, cfg.curriculum * cfg.steps))
             qra = [reading(rng, reading_index(rng, cfg.choice_share), one)
                    for _ in range(cfg.batch_size)]
+            qra = [in_prompt(*x) if rng.random() < cfg.in_prompt else x for x in qra]
             batch = chat(processor, [], [q for q, _, _ in qra], [a for _, _, a in qra], device,
                          [r for _, r, _ in qra])
         loss = answer_nll(model, batch)
@@ -475,8 +488,9 @@ What it knows, held out (new films and questions, greedy, the whole answer exact
 | --- | --- |
 {rows}
 
-"reading: X" is the share of reading exercises of template X answered right from their written
-reasoning; "Which region contains" names two regions and four lettered options.
+"reading ...: X" is the share of reading exercises of template X answered right from a written
+reasoning, given in the prompt or written in the assistant's own turn; "Which region contains"
+describes two regions and has four lettered options.
 """)
 
 
