@@ -130,7 +130,7 @@ def coord_advantages(advantages, scores, texts, references, ids, lengths, pieces
     std_batch = float(run.ddp_std(e_batch)) if adv_norm == "batch" else 0.0
     w_box = sum(weights[k] for k in reward.BOX_REWARDS)
     for writers in shared:
-        e = torch.tensor([x[2] for x in writers], dtype=torch.float64)   # float64: a tie is 0
+        e = torch.tensor([own for _, _, own, _ in writers], dtype=torch.float64)   # a tie: 0
         for i, toks, own, side in writers:
             scale = {"group": float(e.std()), "batch": std_batch}.get(adv_norm)
             scale = 1.0 if scale is None else scale + 1 / side         # + 1 px: no blow-up

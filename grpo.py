@@ -113,7 +113,7 @@ def check(cfg):
             "--credit must be sequence, span or coord"),
            (all(t in data.QUESTION_TYPES for t in cfg.types.split(",")) if cfg.types else True,
             f"--types must be comma-separated names from {', '.join(data.QUESTION_TYPES)}"),
-           (min(w := [getattr(cfg, f"w_{k}") for k in reward.REWARDS]) >= 0 and sum(w) > 0,
+           (min(given := [getattr(cfg, f"w_{k}") for k in reward.REWARDS]) >= 0 and sum(given) > 0,
             "reward weights must be >= 0, not all 0"),
            (cfg.max_new_tokens >= 0 and cfg.warmup_steps >= 1 and cfg.grad_clip > 0,
             "--max-new-tokens must be >= 0, --warmup-steps >= 1, --grad-clip > 0"),
