@@ -202,8 +202,8 @@ def load_gemex(split, n=None, path=GEMEX_HUB_ID, image_root="", frame=GEMEX_FRAM
         gen_kwargs={"path": os.path.abspath(path) if os.path.exists(path) else path,
                     "image_root": os.path.abspath(image_root), "split": split, "frame": frame,
                     # the file's stamp and the code that reads it
-                    "fingerprint": "-".join([stamp, _source_hash(__file__),
-                                             _source_hash(reward.__file__)])})
+                    "fingerprint": f"{stamp}-{_source_hash(__file__)}-"
+                                   f"{_source_hash(reward.__file__)}"})
     skip = ds["skip"]  # read once: counts, examples and the kept rows
     skips = Counter(skip)
     kept = skips.pop("", 0)
