@@ -43,6 +43,7 @@ from tqdm import tqdm
 import credit
 import data
 import evaluate
+import memory
 import model as M
 import reward
 import rollouts
@@ -53,9 +54,9 @@ W = reward.DEFAULT_WEIGHTS
 
 # ----------------------------------------------------------------- config
 # Inherited flags: --data, --data-path, --image-root (data.DataFlags) and --dtype, --max-pixels,
-# --freeze-vision, --grad-checkpointing, --lora-* (run.MemoryFlags).
+# --freeze-vision, --grad-checkpointing, --lora-* (memory.MemoryFlags).
 @dataclass
-class GRPOConfig(run.MemoryFlags, data.DataFlags):
+class GRPOConfig(memory.MemoryFlags, data.DataFlags):
     init: str = "runs/sft"         # the SFT checkpoint to start from (and pi_ref when beta > 0)
     out: str = "runs/grpo"         # output directory: metrics, config, pages, final checkpoint
     max_steps: int = 500           # GRPO steps, one rollout each
@@ -120,7 +121,7 @@ def check(cfg):
            ((cfg.train_size == 0 or cfg.prompts <= cfg.train_size) and
             (cfg.data != "synthetic" or cfg.train_size <= n_train),
             f"--train-size must be 0 (all) or in --prompts..{n_train}"),
-           *data.DataFlags.problems(cfg), *run.MemoryFlags.problems(cfg),
+           *data.DataFlags.problems(cfg), *memory.MemoryFlags.problems(cfg),
            (cfg.eval_every >= 0 and 1 <= cfg.eval_n and
             (cfg.data != "synthetic" or cfg.eval_n <= n_val),
             f"--eval-every must be >= 0 and --eval-n in 1..{n_val}"),
@@ -245,12 +246,12 @@ def main(cfg):
         json.dump(asdict(cfg), open(os.path.join(cfg.out, "run_config.json"), "w"), indent=2)
     # LoRA resumes from the init + the adapters in the checkpoint's state (bit-exact); full
     # fine-tuning from the checkpoint's weights
-    dtype = run.weights_dtype(cfg.dtype)
+    dtype = memory.weights_dtype(cfg.dtype)
     policy, processor = M.load(cfg.init if cfg.lora_r else ckpt or cfg.init, device, dtype)
-    run.apply_memory_plan(policy, processor, cfg)
+    memory.apply_memory_plan(policy, processor, cfg)
     run.warn_tiny_lr("grpo.py", cfg.lr, GRPOConfig.lr, policy)
     if state and cfg.lora_r:
-        run.load_adapters(policy, state["adapters"])
+        memory.load_adapters(policy, state["adapters"])
     policy.train()
     net = torch.nn.parallel.DistributedDataParallel(policy) if world > 1 else policy   # updates
     ref_model = None
@@ -264,7 +265,7 @@ def main(cfg):
 
     def ref_logprobs(roll):   # log pi_ref [N, T]; under LoRA pi_ref IS the policy, adapters off
         if cfg.lora_r:
-            with run.adapters_off(policy):
+            with memory.adapters_off(policy):
                 return logprobs(policy, roll, cfg.micro_batch, cfg.temperature)
         return logprobs(ref_model, roll, cfg.micro_batch, cfg.temperature)
 
@@ -285,7 +286,7 @@ def main(cfg):
         cfg.max_new_tokens = M.completion_budget(processor, train["response"])
     weights = {k: getattr(cfg, f"w_{k}") for k in reward.REWARDS}
     trained = [p for p in policy.parameters() if p.requires_grad]
-    opt = run.adamw(trained, lr=cfg.lr, betas=(0.9, 0.99), weight_decay=cfg.weight_decay)
+    opt = memory.adamw(trained, lr=cfg.lr, betas=(0.9, 0.99), weight_decay=cfg.weight_decay)
     B, G = cfg.prompts, cfg.group_size
     vocab = policy.get_output_embeddings().weight.shape[0]     # the model's, not the tokenizer's
     pieces = credit.token_pieces(processor.tokenizer, vocab)                            # [V]
@@ -388,7 +389,8 @@ def main(cfg):
         # ---- checkpoints: periodic and on Ctrl-C; stop on repeated non-finite updates
         if run.after_step("grpo.py", cfg, step + 1, bad, stop, policy, processor,
                           lambda: {"optimizer": opt.state_dict(), "order": order,
-                                   "rng": run.rng_state(), "adapters": run.adapter_state(policy)}):
+                                   "rng": run.rng_state(),
+                                   "adapters": memory.adapter_state(policy)}):
             return
 
     run.ddp_check_in_sync(policy)

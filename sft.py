@@ -35,6 +35,7 @@ from tqdm import tqdm
 
 import data
 import evaluate
+import memory
 import model as M
 import reward
 import run
@@ -44,9 +45,9 @@ import run
 COLD_START_TRACES = 1000
 
 # Inherited flags: --data, --data-path, --image-root (data.DataFlags) and --dtype, --max-pixels,
-# --freeze-vision, --grad-checkpointing, --lora-* (run.MemoryFlags).
+# --freeze-vision, --grad-checkpointing, --lora-* (memory.MemoryFlags).
 @dataclass
-class SFTConfig(run.MemoryFlags, data.DataFlags):
+class SFTConfig(memory.MemoryFlags, data.DataFlags):
     model: str = "tiny-qwen2.5-vl-cxr"  # the pretrained model: the tiny base, a Hub id or a folder
     out: str = "runs/sft"        # output directory for metrics, config and the final checkpoint
     max_steps: int = 1000        # optimizer steps: 16 epochs of the 1000 default traces
@@ -79,7 +80,7 @@ def check(cfg):
                      and (cfg.data != "synthetic" or cfg.train_size <= data.DataConfig.n_train),
                      f"--train-size must be in 0..{data.DataConfig.n_train}"),
                     (cfg.trace in ("thinkvg", "answer"), "--trace must be thinkvg or answer"),
-                    *data.DataFlags.problems(cfg), *run.MemoryFlags.problems(cfg),
+                    *data.DataFlags.problems(cfg), *memory.MemoryFlags.problems(cfg),
                     (cfg.batch_size * cfg.grad_accum <= (cfg.train_size or COLD_START_TRACES),
                      "--batch-size x --grad-accum must not exceed --train-size"),
                     (cfg.eval_every >= 0 and 1 <= cfg.eval_n
@@ -167,11 +168,11 @@ def main(cfg):
     # LoRA resumes from the frozen base + the adapters in the checkpoint's state (bit-exact);
     # full fine-tuning from the checkpoint's weights
     model, processor = M.load(cfg.model if cfg.lora_r else ckpt or cfg.model, device,
-                              run.weights_dtype(cfg.dtype))
-    run.apply_memory_plan(model, processor, cfg)
+                              memory.weights_dtype(cfg.dtype))
+    memory.apply_memory_plan(model, processor, cfg)
     run.warn_tiny_lr("sft.py", cfg.lr, SFTConfig.lr, model)
     if state and cfg.lora_r:
-        run.load_adapters(model, state["adapters"])
+        memory.load_adapters(model, state["adapters"])
     model.train()
     # gemex boxes move 224 -> the frame the model sees
     frame = M.image_frame(processor, data.GEMEX_FRAME)
@@ -196,7 +197,7 @@ def main(cfg):
     print(f"{cfg.model}: {sum(p.numel() for p in model.parameters()):,} parameters; {len(train)} "
           f"training samples")
 
-    opt = run.adamw(param_groups(model, cfg), lr=cfg.lr, betas=(0.9, 0.95))
+    opt = memory.adamw(param_groups(model, cfg), lr=cfg.lr, betas=(0.9, 0.95))
     # characters: a proxy for tokens
     lengths = [len(q) + len(r) for q, r in zip(train["question"], train["response"])]
     start, epoch, order, bad = 0, 0, [], 0
@@ -249,7 +250,7 @@ def main(cfg):
         # ---- checkpoints: periodic and on Ctrl-C; stop on repeated non-finite updates
         if run.after_step("sft.py", cfg, step + 1, bad, stop, model, processor, lambda: {
                 "optimizer": opt.state_dict(), "epoch": epoch, "order": order,
-                "rng": run.rng_state(), "adapters": run.adapter_state(model)}):
+                "rng": run.rng_state(), "adapters": memory.adapter_state(model)}):
             return
 
     run.ddp_check_in_sync(model)

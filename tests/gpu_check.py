@@ -25,9 +25,9 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 import data  # noqa: E402
 import grpo  # noqa: E402
+import memory  # noqa: E402
 import model as M  # noqa: E402
 import reward  # noqa: E402
-import run  # noqa: E402
 import sft  # noqa: E402
 import qwen_lookalike as Q  # noqa: E402
 
@@ -131,16 +131,17 @@ def measure(size, device, budgets, rows_out, notes):
     for mode in ("LoRA r=16", "full bf16"):
         model = Q.build_model(size, device, dtype, tail_scale=1.0)
         lora = mode.startswith("LoRA")
-        run.apply_memory_plan(model, processor,
-                              run.MemoryFlags(lora_r=16 if lora else 0, dtype="bfloat16"))
+        memory.apply_memory_plan(model, processor,
+                              memory.MemoryFlags(lora_r=16 if lora else 0, dtype="bfloat16"))
         model.train()
         ref = (None if lora
                else Q.build_model(size, device, dtype, tail_scale=1.0).eval().requires_grad_(False))
-        opt = run.adamw([p for p in model.parameters() if p.requires_grad], 1e-5, (0.9, 0.99))
+        opt = memory.adamw([p for p in model.parameters() if p.requires_grad], 1e-5, (0.9, 0.99))
         end = M.end_ids(model)[0]
         for ckpt in (False, True):
             if ckpt:
-                run.apply_memory_plan(model, processor, run.MemoryFlags(grad_checkpointing=True))
+                plan = memory.MemoryFlags(grad_checkpointing=True)
+                memory.apply_memory_plan(model, processor, plan)
             tag = ", checkpointing" if ckpt else ""
 
             def sft_step():
@@ -168,7 +169,7 @@ def measure(size, device, budgets, rows_out, notes):
                                                            device=device) +
                                               torch.rand(B * G, device=device) * 0.01, G, "batch")
                         if lora:
-                            with run.adapters_off(model):
+                            with memory.adapters_off(model):
                                 ref_logp = grpo.logprobs(model, roll, mb, 0.7)
                         else:
                             ref_logp = grpo.logprobs(ref, roll, mb, 0.7)
@@ -182,7 +183,7 @@ def measure(size, device, budgets, rows_out, notes):
                 model.activation_checkpointing_disable()
         if lora:
             with tempfile.TemporaryDirectory() as tmp:
-                peak, sec, _ = cell(lambda: run.save_merged(model, tmp), device)
+                peak, sec, _ = cell(lambda: memory.save_merged(model, tmp), device)
             add(mode, "merged save (streamed, on the CPU)", peak, sec)
         del model, ref, opt
         gc.collect()

@@ -6,6 +6,7 @@ import torch
 
 import data
 import pretrain
+import memory
 import model as M
 import run
 
@@ -291,10 +292,10 @@ def test_memory_plan_flags_change_memory_not_maths():
     optimizer; --grad-checkpointing recomputes activations yet gives the same gradients."""
     from dataclasses import replace
     import sft
-    plan = lambda **k: replace(run.MemoryFlags(), **k)  # noqa: E731
+    plan = lambda **k: replace(memory.MemoryFlags(), **k)  # noqa: E731
     model, processor = pretrain.build()
     assert M.image_frame(processor, 224) == 112  # tiny: 224-px GEMeX boxes land in 112
-    run.apply_memory_plan(model, processor, plan(max_pixels=56 * 56))
+    memory.apply_memory_plan(model, processor, plan(max_pixels=56 * 56))
     assert M.image_frame(processor, 224) == 56
     s = data.make_sample("test", 0)
     small = s["image"].resize((56, 56))
@@ -305,7 +306,7 @@ def test_memory_plan_flags_change_memory_not_maths():
         M.build_prompts(processor, [s["image"]], ["q"])
 
     model, processor = pretrain.build()
-    run.apply_memory_plan(model, processor, plan(freeze_vision=True))
+    memory.apply_memory_plan(model, processor, plan(freeze_vision=True))
     groups = sft.param_groups(model, sft.SFTConfig())
     trained = {id(p) for g in groups for p in g["params"]}
     assert not trained & {id(p) for p in model.model.visual.parameters()} and trained
@@ -313,7 +314,7 @@ def test_memory_plan_flags_change_memory_not_maths():
     def grads(checkpointing):
         torch.manual_seed(0)
         m, p = pretrain.build()
-        run.apply_memory_plan(m, p, plan(grad_checkpointing=checkpointing))
+        memory.apply_memory_plan(m, p, plan(grad_checkpointing=checkpointing))
         m.train()
         prompt = M.build_prompts(p, [s["image"]], [s["question"]])
         ids, mask = M.tokenize_completions(p, [s["response"]], M.end_ids(m)[0])
@@ -374,18 +375,19 @@ def test_parse_config_flags(monkeypatch):
 
 
 # ---------------------------------------------------------------------------- LoRA and bf16 weights
-LORA = run.MemoryFlags(lora_r=4, lora_alpha=8.0)
+LORA = memory.MemoryFlags(lora_r=4, lora_alpha=8.0)
 
 
 def _lora_trained(batch, steps=3):
     """The tiny model with LoRA adapters after a few SFT steps -> (model, processor, weights)"""
     model, processor = pretrain.build()
     base = {k: v.clone() for k, v in model.state_dict().items()}
-    run.apply_memory_plan(model, processor, LORA)
+    memory.apply_memory_plan(model, processor, LORA)
     images, questions, responses = batch
     prompt = M.build_prompts(processor, images, questions)
     ids, mask = M.tokenize_completions(processor, responses, M.end_ids(model)[0])
-    opt = run.adamw([p for p in model.parameters() if p.requires_grad], lr=1e-2, betas=(0.9, 0.99))
+    trained = [p for p in model.parameters() if p.requires_grad]
+    opt = memory.adamw(trained, lr=1e-2, betas=(0.9, 0.99))
     for _ in range(steps):
         (-(M.completion_logprobs(model, prompt, ids, mask) * mask).sum() / mask.sum()).backward()
         opt.step()
@@ -402,11 +404,11 @@ def test_lora_trains_the_adapters_and_not_the_base(batch, tmp_path):
     assert all(p.dtype == torch.float32 for n, p in model.named_parameters() if n in trained)
     assert any(p.abs().sum() > 0 for n, p in model.named_parameters()
                if "lora_B" in n)  # B starts at 0 and moved
-    run.save_merged(model, str(tmp_path))
+    memory.save_merged(model, str(tmp_path))
     merged = load_file(str(tmp_path / "model.safetensors"))
     assert set(merged) == set(base) - {"lm_head.weight"}  # tied to the embedding: not written
     for name, t in merged.items():  # merged weights differ only where adapted
-        adapted = any(name == f"{n}.weight" for n, _ in run.lora_layers(model))
+        adapted = any(name == f"{n}.weight" for n, _ in memory.lora_layers(model))
         assert torch.equal(t, base[name]) != adapted, name
     for name, p in model.named_parameters():  # the frozen base never moved
         if "lora_" not in name:
@@ -418,7 +420,7 @@ def test_lora_with_adapters_off_is_the_base_model_exactly(batch):
     plain, _ = pretrain.build()
     with torch.no_grad():
         want = M.completion_logprobs(plain, prompt, ids, mask)
-        with run.adapters_off(model):
+        with memory.adapters_off(model):
             got = M.completion_logprobs(model, prompt, ids, mask)
         on = M.completion_logprobs(model, prompt, ids, mask)
     assert torch.equal(got, want)
@@ -448,8 +450,8 @@ def test_bf16_adamw_moves_the_weights_as_float32_does_at_lr_1e_6():
         p = torch.nn.Parameter(w0.clone() if name == "float32" else w0.to(torch.bfloat16))
         start = p.detach().float().clone()
         opt = (torch.optim.AdamW([p], lr=1e-6, weight_decay=0.0) if name != "bf16 stochastic"
-               else run.adamw([p], 1e-6, (0.9, 0.999)))
-        assert isinstance(opt, run.StochasticAdamW) == (name == "bf16 stochastic")
+               else memory.adamw([p], 1e-6, (0.9, 0.999)))
+        assert isinstance(opt, memory.StochasticAdamW) == (name == "bf16 stochastic")
         g = torch.Generator().manual_seed(1)
         for _ in range(100):
             p.grad = (direction * (1 + 0.1 * torch.randn(8192, generator=g))).to(p.dtype)

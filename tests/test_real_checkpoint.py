@@ -17,6 +17,7 @@ import gemex
 import credit
 import grpo
 import pretrain
+import memory
 import model as M
 import run
 
@@ -150,15 +151,15 @@ def test_log_probs_keep_no_float32_copy_of_the_logits_for_backward(lookalike, mo
 def test_bf16_adamw_updates_a_tensor_in_bounded_slices(monkeypatch):
     torch.manual_seed(0)
     w0, g = torch.randn(1000), torch.randn(1000)
-    out, update = {}, run.StochasticAdamW._update
+    out, update = {}, memory.StochasticAdamW._update
     for slice_ in (10 ** 9, 128):
-        monkeypatch.setattr(run.StochasticAdamW, "SLICE", slice_)
+        monkeypatch.setattr(memory.StochasticAdamW, "SLICE", slice_)
         sizes = []
-        monkeypatch.setattr(run.StochasticAdamW, "_update",
+        monkeypatch.setattr(memory.StochasticAdamW, "_update",
                             staticmethod(lambda p, *a: sizes.append(p.numel())
                                                                         or update(p, *a)))
         p = torch.nn.Parameter(w0.clone())  # float32: the update is exact, so comparable
-        opt = run.StochasticAdamW([p], lr=1e-2)
+        opt = memory.StochasticAdamW([p], lr=1e-2)
         for _ in range(3):
             p.grad = g.clone()
             opt.step()
@@ -172,7 +173,7 @@ def test_checkpointing_leaves_a_frozen_vision_tower_out_of_backward():
     images, questions = _samples()
     for ckpt in (False, True):
         model, proc = pretrain.build()
-        run.apply_memory_plan(model, proc, run.MemoryFlags(lora_r=4, grad_checkpointing=ckpt))
+        memory.apply_memory_plan(model, proc, memory.MemoryFlags(lora_r=4, grad_checkpointing=ckpt))
         model.train()
         def hook(module, args, out):
             tower_grad[ckpt] = getattr(out, "pooler_output", out).requires_grad
@@ -190,17 +191,17 @@ def test_a_merged_save_keeps_a_small_update_in_bf16_and_streams_in_shards(tmp_pa
     from safetensors.torch import load_file
     from transformers import AutoModelForImageTextToText
     model, proc = pretrain.build(dtype=torch.bfloat16)
-    run.apply_memory_plan(model, proc, run.MemoryFlags(lora_r=4))
-    name, layer = run.lora_layers(model)[0]
+    memory.apply_memory_plan(model, proc, memory.MemoryFlags(lora_r=4))
+    name, layer = memory.lora_layers(model)[0]
     with torch.no_grad():  # an update of 1e-5 on every weight: below bf16's resolution (~1e-4 here)
         layer.lora_A["default"].weight.fill_(1.0)
         rank = layer.lora_A["default"].weight.shape[0]
         layer.lora_B["default"].weight.fill_(1e-5 / (layer.scaling["default"] * rank))
     base = layer.base_layer.weight.detach().float().clone()
-    run.save_merged(model, str(tmp_path / "one"))
+    memory.save_merged(model, str(tmp_path / "one"))
     w = load_file(str(tmp_path / "one" / "model.safetensors"))[name + ".weight"].float()
     assert (w - base).mean().item() == pytest.approx(1e-5, rel=0.1)  # rounding to nearest: ~0
-    run.save_merged(model, str(tmp_path / "sharded"), shard_bytes=200_000)
+    memory.save_merged(model, str(tmp_path / "sharded"), shard_bytes=200_000)
     index = json.loads((tmp_path / "sharded" / "model.safetensors.index.json").read_text())
     assert len(set(index["weight_map"].values())) > 3
     a = AutoModelForImageTextToText.from_pretrained(str(tmp_path / "one"))
