@@ -64,8 +64,10 @@ class PretrainConfig:
     batch_size: int = 32           # samples per step
     lr: float = 2e-3               # peak learning rate (the vision tower at a tenth of it)
     warmup_steps: int = 200        # linear warm-up, then cosine decay to 10%
-    curriculum: float = 0.3        # share of the steps taken to go from 1 region named to 2
-    choice_share: float = 0.6      # share of reading samples with lettered options
+    curriculum: float = 0.5  # share of the steps to go from 1 region named to 2 (half of it at 1)
+    lookup_share: float = 0.25     # share of reading samples that are the two-region letter lookup
+    single_share: float = 0.3      # share of the other reading samples that are single choice
+    multi_share: float = 0.25      # share of the other reading samples that are multi choice
     in_prompt: float = 0.5         # share of reading with the reasoning in the user's turn
     eval_n: int = 400              # held-out samples per task for the card
     seed: int = 0                  # seed for the architecture's init, the films and the order
@@ -189,12 +191,24 @@ def in_prompt(question, reasoning, answer):
     return reasoning.removesuffix("\nAnswer:") + "\n" + question, "", answer.strip()
 
 
-def reading_index(rng, choice_share):
-    """The index of a reading exercise: its question type is index % 4 (data._header). Lettered
-    questions (single choice: 2, multi choice: 3) are the hard reading, so they get choice_share
-    of the exercises, the yes/no and open questions the rest."""
-    kind = rng.choice(4, p=[(1 - choice_share) / 2] * 2 + [choice_share / 2] * 2)
+def reading_index(rng, single_share, multi_share):
+    """The index of a reading exercise: its question type is index % 4 (data._header). The
+    single-choice type holds the two-region letter lookup, the hardest reading, so it gets a
+    share of its own; the yes/no and open questions share what single and multi choice leave."""
+    rest = (1 - single_share - multi_share) / 2
+    kind = rng.choice(4, p=[rest, rest, single_share, multi_share])
     return 4 * int(rng.integers(10 ** 9)) + int(kind)
+
+
+def lookup(rng, one_statement):
+    """A reading exercise of the two-region letter lookup ("Which region contains the X?", two
+    regions described, four lettered options), drawn from the single-choice type until it comes.
+    The hardest reading for a small decoder: it is learnt after a long plateau, so it gets a
+    share of its own."""
+    while True:
+        exercise = reading(rng, 4 * int(rng.integers(10 ** 9)) + 2, one_statement)
+        if exercise[0].startswith("Which region contains"):
+            return exercise
 
 
 def chat_texts(processor, requests, with_image, written=None):
@@ -425,8 +439,11 @@ def main(cfg):
             batch = chat(processor, [f[0] for f in picked], [q for q, _ in qa], [a for _, a in qa],
                          device)
         else:  # text: reading, with the curriculum
-            one = max(0.0, 1.0 - step / max(1.0, cfg.curriculum * cfg.steps))
-            qra = [reading(rng, reading_index(rng, cfg.choice_share), one)
+            # the curriculum: one region named in every lookup for the first half of it, then
+            # linearly fewer, then two regions always
+            one = min(1.0, max(0.0, 2.0 - 2.0 * step / max(1.0, cfg.curriculum * cfg.steps)))
+            qra = [lookup(rng, one) if rng.random() < cfg.lookup_share else
+                   reading(rng, reading_index(rng, cfg.single_share, cfg.multi_share), one)
                    for _ in range(cfg.batch_size)]
             qra = [in_prompt(*x) if rng.random() < cfg.in_prompt else x for x in qra]
             batch = chat(processor, [], [q for q, _, _ in qra], [a for _, _, a in qra], device,
