@@ -239,15 +239,24 @@ def sample(model, processor, images, questions, group_size=1, max_new_tokens=160
     generation_config (Qwen2.5-VL ships repetition_penalty 1.05, top_k 1, top_p 0.001), and then
     the rollouts would come from another distribution than softmax(logits / T), the one scored.
     """
+    device = next(model.parameters()).device
+    prompt = build_prompts(processor, images, questions).to(device)                   # B prompts
+    return decode(model, processor, prompt, group_size, max_new_tokens, temperature, top_p,
+                  greedy)
+
+
+def decode(model, processor, prompt, group_size=1, max_new_tokens=160, temperature=1.0,
+           top_p=1.0, greedy=False):
+    """sample()'s decode loop from prompts already built and on the model's device (any chat
+    prompts: pretrain.py's card also decodes text-only ones) -> sample()'s dict."""
     device, tok = next(model.parameters()).device, processor.tokenizer
     end = torch.tensor(end_ids(model), device=device)
     support = text_support(model, tok)                                                # [V]
     banned = (~support).to(device)
-    prompt = build_prompts(processor, images, questions).to(device)                   # B prompts
     was_training = model.training
     model.eval()  # with gradient checkpointing on, a training-mode forward would drop its KV cache
     logits, cache, pos = prefill(model, prompt)  # [B, V], cache, [B]
-    G, N = group_size, len(images) * group_size
+    G, N = group_size, len(prompt["input_ids"]) * group_size
     cache.batch_repeat_interleave(G)                                                   # B -> N rows
     logits, pos = logits.repeat_interleave(G, 0), pos.repeat_interleave(G)             # [N, V], [N]
     attention = prompt["attention_mask"].repeat_interleave(G, 0)                       # [N, P]

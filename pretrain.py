@@ -342,7 +342,8 @@ def card(model, processor, seed, n, device):
         for i in range(0, len(texts), 100):
             prompt = processor(images=[[im] for im in images[i:i + 100]] if images else None,
                                text=texts[i:i + 100], return_tensors="pt", padding=True).to(device)
-            answers += _greedy(model, processor, prompt, budget)
+            answers += M.decode(model, processor, prompt, max_new_tokens=budget,
+                                greedy=True)["texts"]
         return answers
     images = [f[0] for f in held]
     said = greedy(images, ["Describe the findings."] * n, 60)
@@ -362,7 +363,7 @@ def card(model, processor, seed, n, device):
     # never seen a trace, so it should not write one (expected ~0; stage 1 teaches the format).
     questions = [reading(rng, i, 0.0)[0] for i in range(n)]
     prompt = M.build_prompts(processor, images, questions)
-    said = _greedy(model, processor, prompt, 64)
+    said = M.decode(model, processor, prompt.to(device), max_new_tokens=64, greedy=True)["texts"]
     out["ThinkVG format, zero-shot"] = float(np.mean([reward.parse(s).well_formed for s in said]))
     templates = {}
     for i in range(4 * n):
@@ -387,29 +388,6 @@ def _template(question):
             return name + (" (options)" if name == "What abnormality is seen" and " A. " in q
                            else "")
     return "other"
-
-
-def _greedy(model, processor, prompt, budget):
-    """Greedy answers to prompts with or without films, on the text support (model.sample's
-    decode loop, which needs films): a list of decoded strings."""
-    tok, device = processor.tokenizer, prompt["input_ids"].device
-    end = torch.tensor(M.end_ids(model), device=device)
-    support = M.text_support(model, tok).to(device)
-    logits, cache, pos = M.prefill(model, prompt)  # [B, V], cache, [B]
-    attention, ids = prompt["attention_mask"], []
-    for t in range(budget):
-        nxt = logits.masked_fill(~support, float("-inf")).argmax(-1)              # [B]
-        ids.append(nxt)
-        if torch.isin(torch.stack(ids, 1), end).any(1).all():
-            break
-        attention = torch.cat([attention, attention.new_ones(len(nxt), 1)], 1)
-        logits = model(input_ids=nxt[:, None], attention_mask=attention, past_key_values=cache,
-                       use_cache=True,
-                       position_ids=(pos + t).view(1, -1, 1).expand(3, -1, 1)).logits[:, -1]
-    ids = torch.stack(ids, 1)                                                      # [B, T]
-    return tok.batch_decode([row[:int(M.completion_mask(row[None], end.tolist()).sum())]
-                             for row in ids],
-                            skip_special_tokens=True)
 
 
 # ----------------------------------------------------------------------------- main
