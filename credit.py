@@ -5,8 +5,9 @@ decided by different tokens: the answer by a letter, where a box lies by its dig
 boxes there are by which boxes get written and where the reasoning stops. One advantage for all
 of them tells a box digit it was good because the letter was right, and a letter that it was
 good because a box was tight. grpo.py --credit span and coord (the default) give each reward's
-advantage to the tokens that decide it; --credit sequence is the paper's. Every part goes
-through grpo.advantages, passed in as `advantages`: each is scaled exactly as the whole reward.
+advantage to the tokens that decide it; --credit sequence is the paper's. The text and count
+parts go through grpo.advantages (passed in as `advantages`), scaled exactly as the whole reward
+is; a coordinate's error has a scale of its own (coord_advantages).
 
     span    the digits get the box rewards' advantage, every other token the text rewards'
     coord   the text rewards' advantage on the words; each coordinate's digits its own error
@@ -102,37 +103,38 @@ def coord_advantages(advantages, scores, texts, references, ids, lengths, pieces
     count = torch.tensor([count_reward(lay) for lay in layouts])
     a_count = advantages(count, G, adv_norm)                                              # [N]
     adv = a_text.unsqueeze(1).repeat(1, T)                                                # [N, T]
-    where = {}                  # (prompt, reference box, coordinate) -> [(row, tokens, e, side)]
+    # (prompt, reference box, coordinate) -> [(row i, its token slice, error, side)]
+    where = {}
     for i, lay in enumerate(layouts):
-        row = [pieces[t] for t in ids[i, :lengths[i]].tolist()]
-        if "".join(row) != texts[i]:         # tokens and text disagree: no box credit in this row
+        row_pieces = [pieces[t] for t in ids[i, :lengths[i]].tolist()]
+        if "".join(row_pieces) != texts[i]:  # tokens and text disagree: no box credit in this row
             continue
-        ends = list(itertools.accumulate(map(len, row)))              # token t: characters
-        starts = [e - len(p) for e, p in zip(ends, row)]              # starts[t]:ends[t]
+        ends = list(itertools.accumulate(map(len, row_pieces)))       # token t: characters
+        starts = [end - len(p) for end, p in zip(ends, row_pieces)]   # starts[t]:ends[t]
 
-        def tokens(s, e):                    # the tokens that overlap characters s:e
-            return slice(bisect.bisect_right(ends, s), bisect.bisect_left(starts, e))
+        def token_slice(start, end):         # the tokens that overlap characters start:end
+            return slice(bisect.bisect_right(ends, start), bisect.bisect_left(starts, end))
         for box in lay.boxes:
-            for c, (s, e) in enumerate(box.numbers):
-                adv[i, tokens(s, e)] = 0.0                            # a number: no text credit
+            for c, (start, end) in enumerate(box.numbers):
+                adv[i, token_slice(start, end)] = 0.0                 # a number: no text credit
                 if box.paired is not None:
                     ref_box = lay.reference_boxes[box.paired]
                     side = max(ref_box[2 + c % 2] - ref_box[c % 2], 1.0)    # width or height
                     where.setdefault((i // G, box.paired, c), []).append(
-                        (i, tokens(s, e), box.errors[c] / side, side))
+                        (i, token_slice(start, end), box.errors[c] / side, side))
             if box.paired is None:
-                adv[i, tokens(*box.span)] += a_count[i]
+                adv[i, token_slice(*box.span)] += a_count[i]
         if lay.think_end and len(lay.boxes) <= len(lay.reference_boxes):
-            adv[i, tokens(*lay.think_end)] += a_count[i]
+            adv[i, token_slice(*lay.think_end)] += a_count[i]
     shared = [writers for writers in where.values() if len(writers) > 1]   # the group compares
-    e_batch = torch.tensor([e for writers in shared for _, _, e, _ in writers],
-                           dtype=torch.float64)
-    std_batch = float(run.ddp_std(e_batch)) if adv_norm == "batch" else 0.0
+    errors_batch = torch.tensor([error for writers in shared for _, _, error, _ in writers],
+                                dtype=torch.float64)
+    std_batch = float(run.ddp_std(errors_batch)) if adv_norm == "batch" else 0.0
     w_box = sum(weights[k] for k in reward.BOX_REWARDS)
     for writers in shared:
-        e = torch.tensor([own for _, _, own, _ in writers], dtype=torch.float64)   # a tie: 0
-        for i, toks, own, side in writers:
-            scale = {"group": float(e.std()), "batch": std_batch}.get(adv_norm)
-            scale = 1.0 if scale is None else scale + 1 / side         # + 1 px: no blow-up
-            adv[i, toks] = w_box * (float(e.mean()) - own) / scale
+        errors = torch.tensor([error for _, _, error, _ in writers], dtype=torch.float64)
+        spread = {"group": float(errors.std()), "batch": std_batch}.get(adv_norm)  # a tie: 0
+        for i, tokens, error, side in writers:
+            scale = 1.0 if spread is None else spread + 1 / side       # + 1 px: no blow-up
+            adv[i, tokens] = w_box * (float(errors.mean()) - error) / scale
     return adv.to(ids.device)

@@ -106,7 +106,7 @@ def greedy_scores(model, processor, rows, batch_size=100, max_new_tokens=160):
                                                    batch["question_type"],
                                                    out["completion_mask"].sum(1).tolist(),
                                                    batch["image"]):
-            scores.append(dict(reward.score(text, ref, qtype, frame=image.size),
+            scores.append(dict(reward.score(text, ref, qtype, image_size=image.size),
                                length=float(length)))
             texts.append(text)
     return scores, texts

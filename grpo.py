@@ -11,11 +11,13 @@ only scores completions (its answer and its boxes are the labels), never a targe
 labels, not traces (GEMeX: labels for 1.6M questions, checked traces for one eighth of them).
 
     python grpo.py                                   # from runs/sft to runs/grpo (README: times)
-    python grpo.py --credit sequence --adv-norm group --loss-agg seq   # the paper's GRPO
+    python grpo.py --credit sequence --adv-norm group --loss-agg seq --eps-high 0.2 --beta 0.04
+                                                     # the paper's GRPO (DeepSeekMath's values)
     python evaluate.py --checkpoint runs/sft runs/grpo
     torchrun --nproc_per_node=2 grpo.py              # DDP: each rank rolls out its own B prompts
 
-One step, top to bottom in main():
+One step, top to bottom in main() (mu: passes over one rollout; k3: Schulman's estimator of the
+KL to pi_ref, per_token_loss):
   1. rollout    B prompts x G completions from the current policy pi_old (model.sample)
   2. reward     r_i = sum_k w_k r_ik / sum_k w_k per completion (reward.score)
   3. advantage  A_i = (r_i - mean_group(r)) / (std_group(r) + eps)   (or batch std, or none);
@@ -98,7 +100,7 @@ class GRPOConfig(memory.MemoryFlags, data.DataFlags):
 def check(cfg):
     """Flag values that cannot work, named, before anything is loaded."""
     n_train, n_val = data.DataConfig.n_train, data.DataConfig.n_val
-    bad = [(cfg.group_size >= 2, "--group-size must be >= 2: a group of one has no baseline"),
+    rules = [(cfg.group_size >= 2, "--group-size must be >= 2: a group of one has no baseline"),
            (min(cfg.prompts, cfg.max_steps, cfg.mu, cfg.micro_batch) >= 1,
             "--prompts, --max-steps, --mu and --micro-batch must be >= 1"),
            (cfg.lr > 0, "--lr must be > 0"), (cfg.beta >= 0, "--beta must be >= 0"),
@@ -127,7 +129,7 @@ def check(cfg):
             f"--eval-every must be >= 0 and --eval-n in 1..{n_val}"),
            (min(cfg.save_every, cfg.show_every) >= 0 and cfg.keep >= 1 and cfg.max_bad_steps >= 1,
             "--save-every and --show-every must be >= 0, --keep and --max-bad-steps >= 1")]
-    for ok, msg in bad:
+    for ok, msg in rules:
         if not ok:
             raise SystemExit(f"grpo.py: {msg}")
 
@@ -200,20 +202,21 @@ def diagnostics(logp, old_logp, ref_logp, adv, mask, cfg):
     return out
 
 
-def accumulate_gradients(policy, roll, adv, old, ref_logp, cfg, amp=torch.float32):
+def accumulate_gradients(net, roll, adv, old, ref_logp, cfg, amp=torch.float32):
     """One optimisation pass over the rollout: forward/backward each micro-batch, so that .grad
     ends up holding the gradient of the WHOLE rollout's loss (whatever cfg.micro_batch is).
     adv [N] or [N, T]; old / ref_logp [N, T] or None (old None: mu = 1, pi_old is the policy).
+    net: the policy, or its DDP wrapper. micro_batches is defined at the end ("plumbing").
     Returns (the rollout's loss, token-weighted means of the diagnostics)."""
     mask, device = roll["completion_mask"], roll["completion_ids"].device
     denominator = loss_denominator(mask, cfg)
     total, sums, seen = 0.0, {}, 0.0
     last = (roll["completion_ids"].shape[0] - 1) // cfg.micro_batch * cfg.micro_batch
     for s, prompt, repeats in micro_batches(roll, cfg.micro_batch):   # s = (rows, columns)
-        if isinstance(policy, torch.nn.parallel.DistributedDataParallel):
-            policy.require_backward_grad_sync = s[0].start == last   # all-reduce after the last
+        if isinstance(net, torch.nn.parallel.DistributedDataParallel):
+            net.require_backward_grad_sync = s[0].start == last   # all-reduce after the last
         with torch.autocast(device.type, dtype=amp, enabled=amp != torch.float32):
-            logp, ent = M.completion_logprobs(policy, prompt, roll["completion_ids"][s], mask[s],
+            logp, ent = M.completion_logprobs(net, prompt, roll["completion_ids"][s], mask[s],
                                               entropy=True, temperature=cfg.temperature,
                                               repeats=repeats, support=roll["support"])  # [n, T]
         # with mu = 1, pi_old IS the current policy: rho = 1, yet d rho = rho d log pi, not 0
@@ -247,7 +250,7 @@ def main(cfg):
     # LoRA resumes from the init + the adapters in the checkpoint's state (bit-exact); full
     # fine-tuning from the checkpoint's weights
     dtype = memory.weights_dtype(cfg.dtype)
-    policy, processor = M.load(cfg.init if cfg.lora_r else ckpt or cfg.init, device, dtype)
+    policy, processor = M.load(cfg.init if cfg.lora_r else (ckpt or cfg.init), device, dtype)
     memory.apply_memory_plan(policy, processor, cfg)
     run.warn_tiny_lr("grpo.py", cfg.lr, GRPOConfig.lr, policy)
     if state and cfg.lora_r:
@@ -269,8 +272,8 @@ def main(cfg):
                 return logprobs(policy, roll, cfg.micro_batch, cfg.temperature)
         return logprobs(ref_model, roll, cfg.micro_batch, cfg.temperature)
 
-    frame = M.image_frame(processor, data.GEMEX_FRAME)   # gemex boxes: 224 -> the model's frame
-    train = data.load("train", cfg.train_size or None, cfg, frame)
+    side = M.image_frame(processor, data.GEMEX_FRAME)   # gemex boxes: 224 px -> the model's side
+    train = data.load("train", cfg.train_size or None, cfg, side)
     if cfg.types:                  # RL where SFT left headroom (evaluation still sees all types)
         keep = set(cfg.types.split(","))
         train = train.filter(lambda q: q in keep, input_columns="question_type")
@@ -278,7 +281,7 @@ def main(cfg):
         of = f" of --types {cfg.types}" if cfg.types else ""
         raise SystemExit(f"grpo.py: {len(train)} training prompts{of}, "
                          f"fewer than --prompts {cfg.prompts}")
-    val = data.load("validation", cfg.eval_n, cfg, frame)[:]
+    val = data.load("validation", cfg.eval_n, cfg, side)[:]   # [:]: a dict of columns
     if not val["question"]:
         print("grpo.py: no validation rows: in-training validation skipped "
               "(evaluate.py --split picks another)")
@@ -293,7 +296,7 @@ def main(cfg):
     is_digit = credit.digit_tokens(pieces) if cfg.credit == "span" else None           # [V]
     print(f"{cfg.init}: {sum(p.numel() for p in policy.parameters()):,} parameters; {B} prompts x "
           f"{G} completions per step; reward weights {weights}")
-    start, order, bad = 0, [], 0
+    start, order, nonfinite = 0, [], 0   # nonfinite: updates skipped in a row
     if state:   # all the next step depends on: weights (loaded above), optimizer, order, RNG
         opt.load_state_dict(state["optimizer"])
         start, order = state["step"], state["order"]
@@ -322,7 +325,7 @@ def main(cfg):
 
         # ---- 2. reward: each completion against its prompt's reference response
         scores = [reward.score(text, rows["response"][i // G], rows["question_type"][i // G],
-                               weights, frame=rows["image"][i // G].size)
+                               weights, image_size=rows["image"][i // G].size)
                   for i, text in enumerate(roll["texts"])]
         rewards = torch.tensor([s["total"] for s in scores], device=device)      # [N]
 
@@ -352,7 +355,7 @@ def main(cfg):
             if finite:                   # a NaN/inf update would poison every weight: skip it
                 opt.step()
             opt.zero_grad(set_to_none=True)
-            bad = 0 if finite else bad + 1
+            nonfinite = 0 if finite else nonfinite + 1
         t4 = time.time()
 
         # ---- diagnostics (every step), a page of the rollout and held-out greedy scores
@@ -387,14 +390,14 @@ def main(cfg):
             log.flush()
 
         # ---- checkpoints: periodic and on Ctrl-C; stop on repeated non-finite updates
-        if run.after_step("grpo.py", cfg, step + 1, bad, stop, policy, processor,
+        if run.after_step("grpo.py", cfg, step + 1, nonfinite, stop, policy, processor,
                           lambda: {"optimizer": opt.state_dict(), "order": order,
                                    "rng": run.rng_state(),
                                    "adapters": memory.adapter_state(policy)}):
             return
 
     run.ddp_check_in_sync(policy)
-    if master and len(timings) > 1:   # the benchmark line (README, "Speed"): compare by ratios
+    if master and len(timings) > 1:   # the benchmark line (tests/benchmark.py): compare ratios
         t = np.mean(timings[1:], 0)   # step 1 warms up the allocator: not counted
         print(f"seconds per step over steps {start + 2}-{cfg.max_steps}: {t.sum():.2f} = generate "
               f"{t[0]:.2f} + score {t[1]:.2f} + ref {t[2]:.2f} + train {t[3]:.2f}")
@@ -404,14 +407,14 @@ def main(cfg):
 
 
 # ----------------------------------------------------------------- plumbing: micro-batches
-def micro_batches(rollout, size):
+def micro_batches(roll, size):
     """The rollout cut for memory: yields (s, prompt, repeats) where s = (rows, columns) indexes
     every [N, T] tensor: `size` rows, and only the columns up to their longest completion (one
     long completion would otherwise pad the whole rollout). prompt: the distinct prompts those
     rows continue, repeats: how many rows continue each one (a group may straddle two
     micro-batches: its prompt is then prefilled in both). pixel_values are cut by patch."""
-    p, G, N = rollout["prompt"], rollout["group_size"], rollout["completion_ids"].shape[0]
-    lengths = rollout["completion_mask"].sum(1)                        # [N]
+    p, G, N = roll["prompt"], roll["group_size"], roll["completion_ids"].shape[0]
+    lengths = roll["completion_mask"].sum(1)                        # [N]
     patches = p["image_grid_thw"].prod(-1)                             # [B] patches per prompt
     starts = torch.cat([patches.new_zeros(1), patches.cumsum(0)])
     for i in range(0, N, size):
@@ -424,14 +427,14 @@ def micro_batches(rollout, size):
 
 
 @torch.no_grad()
-def logprobs(model, rollout, size, temperature):
+def logprobs(model, roll, size, temperature):
     """Completion log-probs of the whole rollout at the sampling temperature, micro-batched,
     without a graph: [N, T] (0 past each micro-batch's longest completion)."""
-    ids, mask = rollout["completion_ids"], rollout["completion_mask"]
+    ids, mask = roll["completion_ids"], roll["completion_mask"]
     return torch.cat([torch.nn.functional.pad(
         M.completion_logprobs(model, prompt, ids[s], mask[s], temperature=temperature,
-                              repeats=repeats, support=rollout["support"]),
-        (0, ids.shape[1] - s[1].stop)) for s, prompt, repeats in micro_batches(rollout, size)])
+                              repeats=repeats, support=roll["support"]),
+        (0, ids.shape[1] - s[1].stop)) for s, prompt, repeats in micro_batches(roll, size)])
 
 
 if __name__ == "__main__":

@@ -2,31 +2,34 @@
 
 Every real run of this recipe starts from a pretrained model: Qwen2.5-VL already sees, reads,
 writes a region's box when asked and answers questions, and has never seen a ThinkVG trace. The
-offline miniature does the same with a tiny Qwen2.5-VL (the real architecture at ~2M parameters)
+offline miniature does the same with a tiny Qwen2.5-VL (the real architecture at 1.8M parameters)
 pretrained here, once, and shipped in the repository (BASE): `python sft.py` loads it exactly as
-`--model Qwen/Qwen2.5-VL-3B-Instruct` loads the real one. This file is the only place a model is
-built from a config; nothing else needs to run it.
+`--model Qwen/Qwen2.5-VL-3B-Instruct` loads the real one. This file is the only place the tiny
+model is built from its config (the tests' random tiny models too: build()); nothing else needs
+to run it.
 
 What the base learns, on films of its own stream (never an image of the train, validation or
 test splits) and never from a ThinkVG trace (no reasoning with boxes followed by an answer):
 
   seeing     "Describe the findings." -> "A small round opacity in the left lower lung zone."
              "Describe the cardiac silhouette." -> "The cardiac silhouette has a normal outline."
-  grounding  "Locate the right costophrenic angle." -> "[12, 70, 30, 88]" (absolute pixels, as
+  locating   "Locate the right costophrenic angle." -> "[12, 70, 30, 88]" (absolute pixels, as
              Qwen2.5-VL is pretrained to write them)
   reading    text only: a question with its options and a written reasoning (statements
              about regions, no boxes) -> the answer it implies. Half the time the reasoning is
              a passage in the user's turn ("<statements>\n<question>" -> "B"), half the time
              the assistant's own chain of thought ("<question>" -> "<statements>\nAnswer: B",
              the statements context, the answer the target), as a pretrained LLM reads both.
-             Two regions named and four lettered options is a three-hop lookup a small decoder
-             learns only through a curriculum: one statement first, then both.
+             Two regions described and four lettered options is a three-hop lookup a small
+             decoder learns after a long plateau: it gets a share of its own and a curriculum
+             (one region described first, then both).
 
 Before the language-model phase, the vision tower learns what each film shows and where, with
 heads of its own (warm_up_tower): from the language loss alone a from-scratch tower learns slowly.
 
     python pretrain.py                       # ~75 min on 2 CPU cores: writes BASE and its card
-    python pretrain.py --steps 200 --out /tmp/base    # a quick look
+    python pretrain.py --films 2000 --tower-steps 50 --steps 200 --warmup-steps 20 --eval-n 50 \
+        --out /tmp/base                      # a quick look (a few minutes)
 """
 import functools
 import json
@@ -63,9 +66,9 @@ class PretrainConfig:
     steps: int = 12000  # language-model steps (alternately a batch of films and a batch of text)
     batch_size: int = 32           # samples per step
     lr: float = 2e-3               # peak learning rate (the vision tower at a tenth of it)
-    warmup_steps: int = 200        # linear warm-up, then cosine decay to 10%
+    warmup_steps: int = 200        # a linear warm-up, times a cosine decay to 10% over the steps
     curriculum: float = 0.5  # share of the steps to go from 1 region named to 2 (half of it at 1)
-    lookup_share: float = 0.25     # share of reading samples that are the two-region letter lookup
+    lookup_share: float = 0.25     # share of reading samples that are the letter lookup
     single_share: float = 0.3      # share of the other reading samples that are single choice
     multi_share: float = 0.25      # share of the other reading samples that are multi choice
     in_prompt: float = 0.5         # share of reading with the reasoning in the user's turn
@@ -90,7 +93,8 @@ PIXELS = 112 * 112  # the image processor's budget: every film is seen at 112 x 
 def build_tokenizer(vocab_size=1024):
     """A byte-level BPE trained on the base's own texts (never a ThinkVG trace). Digits are one
     token each (as in Qwen's tokenizer), so a coordinate is spelt from ten symbols; the ThinkVG
-    tags and each region name are single added tokens (a name then reads as one token)."""
+    tags and each region name are single added tokens (a name then reads as one token). Its
+    texts come from the base's tasks (report, reading: defined below)."""
     from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
     rng = np.random.default_rng([0, data.STREAMS["pretrain"], 10 ** 9])
     texts = [BASE_SYSTEM, M.SYSTEM_PROMPT, "<think>", "<answer>"]
@@ -134,7 +138,7 @@ def build(seed=0, dtype=torch.float32):
 
 
 # --------------------------------------------------------------------- what a base knows: its tasks
-def films(n, seed, offset=0, frame=112):
+def draw_films(n, seed, offset=0, frame=112):
     """n films of the base's own stream: (image, {region: box}, [(finding, region), ...])."""
     out = []
     for i in range(offset, offset + n):
@@ -153,7 +157,7 @@ def report(findings):
 
 
 def image_task(rng, film):
-    """(request, answer) about a film: seeing (the report, one region) or grounding (a box)."""
+    """(request, answer) about a film: seeing (the report, one region) or locating (a box)."""
     _, boxes, findings = film
     at = {r: k for k, r in findings}
     region = data.REGIONS[rng.integers(len(data.REGIONS))]
@@ -184,7 +188,7 @@ def reading(rng, index, one_statement):
     return question, " ".join(statements[i] for i in order) + "\nAnswer:", " " + answer
 
 
-def in_prompt(question, reasoning, answer):
+def as_passage(question, reasoning, answer):
     """The same exercise as reading comprehension: the reasoning in the user's turn before the
     question, the answer as the whole reply -> (request, written: none, answer). A pretrained
     LLM reads both ways: a passage it is given, and its own chain of thought."""
@@ -201,10 +205,10 @@ def reading_index(rng, single_share, multi_share):
 
 
 def lookup(rng, one_statement):
-    """A reading exercise of the two-region letter lookup ("Which region contains the X?", two
-    regions described, four lettered options), drawn from the single-choice type until it comes.
-    The hardest reading for a small decoder: it is learnt after a long plateau, so it gets a
-    share of its own."""
+    """A reading exercise of the letter lookup ("Which region contains the X?", four lettered
+    options, two regions described; one with chance one_statement, the curriculum), drawn from
+    the single-choice type until it comes. The hardest reading for a small decoder: it is learnt
+    after a long plateau, so it gets a share of its own."""
     while True:
         exercise = reading(rng, 4 * int(rng.integers(10 ** 9)) + 2, one_statement)
         if exercise[0].startswith("Which region contains"):
@@ -240,6 +244,11 @@ def answer_nll(model, batch):
     """Token-mean cross-entropy on the answer tokens and the end of turn."""
     prompt, ids, mask = batch
     return -(M.completion_logprobs(model, prompt, ids, mask) * mask).sum() / mask.sum()
+
+
+def cosine(progress):
+    """From 1 down to 0.1 along half a cosine, over progress in [0, 1]."""
+    return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
 
 
 # ----------------------------------------------------------------------------- the vision warm-up
@@ -322,19 +331,14 @@ def warm_up_tower(model, processor, pool, cfg, device, frame=112, batch=32):
     hook.remove()
 
 
-def cosine(progress):
-    """From 1 down to 0.1 along half a cosine, over progress in [0, 1]."""
-    return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
-
-
 # -------------------------------------------------------------------- the card: what the base knows
 @torch.no_grad()
 def card(model, processor, seed, n, device):
     """Held-out measurements (films and questions the base never trained on), each the share of
-    samples whose whole answer the base writes greedily: seeing, grounding, reading per template."""
+    samples whose whole answer the base writes greedily: seeing, locating, reading per template."""
     model.eval()
     rng, out = np.random.default_rng([seed, data.STREAMS["pretrain"], 10 ** 9 + 1]), {}
-    held = films(n, seed + 1, 0)  # another seed: unseen films
+    held = draw_films(n, seed + 1, 0)  # another seed: unseen films
 
     def greedy(images, requests, budget, written=None):
         texts = chat_texts(processor, requests, bool(images), written)
@@ -371,7 +375,7 @@ def card(model, processor, seed, n, device):
         templates.setdefault(_template(q), []).append((q, r, a))
     for name, qra in sorted(templates.items()):
         for where, exercises in (("its own reasoning", qra),
-                                 ("in the prompt", [in_prompt(*x) for x in qra])):
+                                 ("in the prompt", [as_passage(*x) for x in qra])):
             said = greedy([], [q for q, _, _ in exercises], 12, [r for _, r, _ in exercises])
             out[f"reading {where}: {name}"] = float(np.mean([
                 s.strip() == a.strip() for s, (_, _, a) in zip(said, exercises)]))
@@ -400,7 +404,7 @@ def main(cfg):
     model.train()
     print(f"tiny Qwen2.5-VL: {sum(p.numel() for p in model.parameters()):,} parameters, "
           f"{len(processor.tokenizer)} tokens; drawing {cfg.films:,} films")
-    pool = films(cfg.films, cfg.seed)
+    pool = draw_films(cfg.films, cfg.seed)
     warm_up_tower(model, processor, pool, cfg, device)
     groups = [{"params": [p for n, p in model.named_parameters() if (".visual." in f".{n}") == v],
                "lr_scale": 0.1 if v else 1.0} for v in (True, False)]
@@ -411,7 +415,7 @@ def main(cfg):
         lr = cfg.lr * min(1.0, (step + 1) / cfg.warmup_steps) * cosine(step / cfg.steps)
         for g in opt.param_groups:
             g["lr"] = lr * g["lr_scale"]
-        if step % 2 == 0:  # films: seeing and grounding
+        if step % 2 == 0:  # films: seeing and locating
             picked = [pool[i] for i in rng.integers(0, len(pool), cfg.batch_size)]
             qa = [image_task(rng, f) for f in picked]
             batch = chat(processor, [f[0] for f in picked], [q for q, _ in qa], [a for _, a in qa],
@@ -423,7 +427,7 @@ def main(cfg):
             qra = [lookup(rng, one) if rng.random() < cfg.lookup_share else
                    reading(rng, reading_index(rng, cfg.single_share, cfg.multi_share), one)
                    for _ in range(cfg.batch_size)]
-            qra = [in_prompt(*x) if rng.random() < cfg.in_prompt else x for x in qra]
+            qra = [as_passage(*x) if rng.random() < cfg.in_prompt else x for x in qra]
             batch = chat(processor, [], [q for q, _, _ in qra], [a for _, _, a in qra], device,
                          [r for _, r, _ in qra])
         loss = answer_nll(model, batch)
@@ -462,8 +466,8 @@ def provenance():
 
 def write_card(out, record):
     """The base's README: how it was made and what it knows (its held-out card)."""
-    card, made = record["card"], record["made"]
-    rows = "\n".join(f"| {k} | {v:.3f} |" for k, v in card.items())
+    measured, made = record["card"], record["made"]
+    rows = "\n".join(f"| {k} | {v:.3f} |" for k, v in measured.items())
     open(os.path.join(out, "README.md"), "w").write(f"""# {BASE}: the tiny pretrained base
 
 A Qwen2.5-VL (transformers' `Qwen2_5_VLForConditionalGeneration`, the real architecture) at

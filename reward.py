@@ -11,9 +11,9 @@ completion with its reference:
 
     format     1 if exactly one <think>...</think> then one <answer>...</answer>, nothing else
                around them, a non-empty answer, and at least one valid box in the reasoning
-    answer     1 if the answer is right by an exact check for its question type (the paper uses an
-               LLM judge; ours is verifiable): yes/no, a normalised region or finding name, one
-               letter, or a set of letters
+    answer     in [0, 1], checked for its question type (the paper uses an LLM judge; ours is
+               verifiable): closed: yes/no; single / multi choice: the letters standing alone;
+               open: graded, F1 over the findings both answers name (open_answer_score)
     grounding  the paper's rule (GEMeX-ThinkVG, Sec. 3.3): 1 if the number of predicted boxes
                equals the reference's and their mean IoU after matching exceeds 0.75, else 0
     iou        a dense version for a smoother signal: the optimal one-to-one matched IoU summed
@@ -63,10 +63,10 @@ class Parsed:
 
 
 # ----------------------------------------------------------------------------- parsing
-def parse(text, frame=None):
+def parse(text, image_size=None):
     """Read think, answer and boxes from any string. Tolerant: a missing <think> tag makes the
     text before <answer> the reasoning (how a reference may be written); `well_formed` is strict.
-    With `frame` (w, h), boxes must lie inside it to count as valid for the format check."""
+    With `image_size` (w, h), a box must lie inside the image to count as valid for the format."""
     if not isinstance(text, str):
         return Parsed()
     (s0, s1), (t0, t1, a0, a1) = _reasoning_span(text)
@@ -79,7 +79,7 @@ def parse(text, frame=None):
     counts = [text.count(tag) for tag in ("<think>", "</think>", "<answer>", "</answer>")]
     well_formed = (counts == [1, 1, 1, 1] and 0 <= t0 < t1 < a0 < a1 and not text[:t0].strip()
                    and not text[t1 + 8:a0].strip() and not text[a1 + 9:].strip() and bool(answer)
-                   and any(valid_box(b, frame) for _, b in boxes))
+                   and any(valid_box(b, image_size) for _, b in boxes))
     return Parsed(think.strip(), answer, boxes, well_formed)
 
 
@@ -111,10 +111,10 @@ def _region_before(text, end, raw=False):
     return " ".join(w[0].lower() for w in reversed(kept))
 
 
-def valid_box(box, frame=None):
-    """Integer-valued, strictly ordered corners, non-negative, inside the frame if one is given."""
+def valid_box(box, image_size=None):
+    """Integer-valued, strictly ordered corners, non-negative, inside the image if sized."""
     x1, y1, x2, y2 = box
-    hi_x, hi_y = frame if frame else (MAX_COORD, MAX_COORD)
+    hi_x, hi_y = image_size if image_size else (MAX_COORD, MAX_COORD)
     return (all(float(v).is_integer() for v in box) and 0 <= x1 < x2 <= hi_x
             and 0 <= y1 < y2 <= hi_y)
 
@@ -395,10 +395,10 @@ def answer_correct(pred, ref, question_type):
 
 
 # ----------------------------------------------------------------------------- the reward
-def score(completion, reference, question_type, weights=None, frame=None):
+def score(completion, reference, question_type, weights=None, image_size=None):
     """Score one completion against its reference response. Every value is a float in [0, 1]."""
     w = {**DEFAULT_WEIGHTS, **(weights or {})}
-    pred, ref = parse(completion, frame), parse(reference)
+    pred, ref = parse(completion, image_size), parse(reference)
     out = {"format": float(pred.well_formed),
            "answer": answer_correct(pred.answer, ref.answer, question_type)}
     out["grounding"], out["iou"] = grounding_scores([b for _, b in pred.boxes],

@@ -183,7 +183,7 @@ def write_step(folder, step, record, every):
 def write_best_and_worst(path, rows, completions, name, k=2):
     """evaluate.py --predictions: the k worst and k best greedy answers per question type."""
     import data
-    scores = [reward.score(c, ref, t, frame=im.size) for c, ref, t, im in
+    scores = [reward.score(c, ref, t, image_size=im.size) for c, ref, t, im in
               zip(completions, rows["response"], rows["question_type"], rows["image"])]
     picked = []
     for t in data.QUESTION_TYPES:

@@ -120,8 +120,8 @@ def save(model, processor, out, state=None, into=False, weights=True):
     existing run directory (metrics.jsonl stays), replacing each file atomically.
     The processor class is renamed to plain Qwen2_5_VLProcessor (with a video-processor entry), so
     AutoProcessor.from_pretrained(out) works wherever torchvision is installed. A LoRA model is
-    written merged (memory.save_merged); weights=False writes no weights at all (a LoRA run's periodic
-    checkpoint: its adapters are in `state`, and resuming rebuilds from the base model)."""
+    written merged (memory.save_merged); weights=False writes no weights at all (a LoRA run's
+    periodic checkpoint: its adapters are in `state`, and resuming rebuilds from the base)."""
     out = os.path.normpath(out)
     tmp = f"{out}.tmp-{os.getpid()}"
     try:
@@ -276,15 +276,15 @@ class StopOnCtrlC:
               flush=True)
 
 
-def after_step(script, cfg, step, bad, stop, model, processor, state):
+def after_step(script, cfg, step, nonfinite, stop, model, processor, state):
     """The run-safety tail of every training step, shared by sft.py and grpo.py: stop on too many
     non-finite updates in a row, save a periodic (or Ctrl-C) checkpoint, and say how to resume.
     `state` is a function, so the optimizer state is only gathered when a checkpoint is written.
     Returns True when the run should stop here."""
-    if bad >= cfg.max_bad_steps:
-        raise SystemExit(f"{script}: {bad} non-finite losses or gradients in a row (step {step}); "
-                         f"no update was applied for them. Lower --lr, or resume from the last "
-                         f"checkpoint with --resume.")
+    if nonfinite >= cfg.max_bad_steps:
+        raise SystemExit(f"{script}: {nonfinite} non-finite losses or gradients in a row "
+                         f"(step {step}); no update was applied for them. Lower --lr, or resume "
+                         f"from the last checkpoint with --resume.")
     if (cfg.save_every and step % cfg.save_every == 0 and step < cfg.max_steps) or stop.requested:
         snapshot = state()                      # on every rank: it gathers each rank's RNG state
         if is_main():

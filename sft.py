@@ -1,8 +1,9 @@
 """sft.py -- Stage 1: supervised fine-tuning on ThinkVG traces (the cold start).
 
 The model learns to produce `<think>... region [x1, y1, x2, y2] ...</think><answer>...</answer>`
-by teacher forcing: cross-entropy on the response tokens only (the system prompt, question and
-image tokens are context, never targets), AdamW with linear warm-up and cosine decay.
+by teacher forcing: cross-entropy on the response tokens and the end-of-turn token after them
+(the system prompt, question and image tokens are context, never targets), AdamW with linear
+warm-up and cosine decay.
 
 It starts from a pretrained model, as every real run does: by default the tiny base shipped in
 this repository (tiny-qwen2.5-vl-cxr, made by pretrain.py: it sees, reads, writes a region's box
@@ -14,7 +15,7 @@ scored against their labels. `--train-size 8000` is the upper bound: a trace for
 
     python sft.py                          # the tiny base, synthetic data, CPU (README: timings)
     python sft.py --train-size 8000 --out runs/sft_all     # every trace: the upper bound
-    python sft.py --model runs/sft --max-steps 2000 --warmup-steps 20 --out runs/sft_more
+    python sft.py --model runs/sft --max-steps 2900 --lr 5e-4 --warmup-steps 50 --out runs/sft_more
                                            # the control: GRPO's minutes spent on more SFT instead
     python sft.py --model Qwen/Qwen2.5-VL-3B-Instruct --device cuda --batch-size 4 --lr 1e-5 \
         --data gemex --data-path train.parquet --image-root mimic-cxr-jpg/files --dtype bfloat16
@@ -60,13 +61,13 @@ class SFTConfig(memory.MemoryFlags, data.DataFlags):
     train_size: int = 0          # training traces (0: 1000 synthetic, the cold start; all of gemex)
     eval_every: int = 250        # greedy validation every this many steps (0: only at the end)
     eval_n: int = 64             # validation samples per evaluation
-    seed: int = 0                # seed for init, data order and sampling
+    seed: int = 0                # seed for the data order (and LoRA's init)
     device: str = "auto"         # 'auto' (CUDA if available), 'cpu' or 'cuda'
     save_every: int = 500        # steps between resumable checkpoints in OUT/checkpoints (0: never)
     keep: int = 2                # how many periodic checkpoints to keep
     resume: bool = False  # continue from the newest checkpoint in --out (same flags otherwise)
     max_bad_steps: int = 3       # stop after this many non-finite losses in a row (each is skipped)
-    trace: str = "thinkvg"       # targets: 'thinkvg' (grounded reasoning, then answer) or 'answer' 
+    trace: str = "thinkvg"       # targets: 'thinkvg' (grounded reasoning, then answer) or 'answer'
 
 
 def check(cfg):
@@ -81,7 +82,8 @@ def check(cfg):
                      f"--train-size must be in 0..{data.DataConfig.n_train}"),
                     (cfg.trace in ("thinkvg", "answer"), "--trace must be thinkvg or answer"),
                     *data.DataFlags.problems(cfg), *memory.MemoryFlags.problems(cfg),
-                    (cfg.batch_size * cfg.grad_accum <= (cfg.train_size or COLD_START_TRACES),
+                    (cfg.data != "synthetic"   # a real file's length is checked once loaded
+                     or cfg.batch_size * cfg.grad_accum <= (cfg.train_size or COLD_START_TRACES),
                      "--batch-size x --grad-accum must not exceed --train-size"),
                     (cfg.eval_every >= 0 and 1 <= cfg.eval_n
                      and (cfg.data != "synthetic" or cfg.eval_n <= data.DataConfig.n_val),
@@ -140,8 +142,9 @@ def sft_batch(processor, rows, end_id, device):
 def token_mean_backward(net, batches, amp=torch.float32):
     """Backward of the token-mean cross-entropy over ALL `batches` (gradient accumulation): each
     batch adds its share, -sum(log p) / (response tokens of all the batches), so the gradient is
-    the one a single batch of all those rows would give. Returns the loss (a float)."""
-    n_tokens = sum(float(mask.sum()) for _, _, mask in batches)
+    the one a single batch of all those rows would give (under DDP, of every rank's rows: the
+    count is the mean over ranks, and DDP averages the gradients). Returns the loss (a float)."""
+    n_tokens = run.ddp_mean(sum(float(mask.sum()) for _, _, mask in batches))
     loss = 0.0
     for j, (prompt, ids, mask) in enumerate(batches):
         if isinstance(net, torch.nn.parallel.DistributedDataParallel):   # all-reduce once,
@@ -167,22 +170,21 @@ def main(cfg):
         json.dump(asdict(cfg), open(os.path.join(cfg.out, "run_config.json"), "w"), indent=2)
     # LoRA resumes from the frozen base + the adapters in the checkpoint's state (bit-exact);
     # full fine-tuning from the checkpoint's weights
-    model, processor = M.load(cfg.model if cfg.lora_r else ckpt or cfg.model, device,
+    model, processor = M.load(cfg.model if cfg.lora_r else (ckpt or cfg.model), device,
                               memory.weights_dtype(cfg.dtype))
     memory.apply_memory_plan(model, processor, cfg)
     run.warn_tiny_lr("sft.py", cfg.lr, SFTConfig.lr, model)
     if state and cfg.lora_r:
         memory.load_adapters(model, state["adapters"])
     model.train()
-    # gemex boxes move 224 -> the frame the model sees
-    frame = M.image_frame(processor, data.GEMEX_FRAME)
+    side = M.image_frame(processor, data.GEMEX_FRAME)   # gemex boxes: 224 px -> the model's side
     # forward/backward go through net
     net = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
     end_id = M.end_ids(model)[0]
     train = data.load("train",
                       cfg.train_size or (COLD_START_TRACES if cfg.data == "synthetic" else None),
-                      cfg, frame)
-    val = data.load("validation", cfg.eval_n, cfg, frame)[:]
+                      cfg, side)
+    val = data.load("validation", cfg.eval_n, cfg, side)[:]   # [:]: a dict of columns
     if not val["question"]:
         print("sft.py: no validation rows: in-training validation skipped (evaluate.py --split "
               "picks another)")
@@ -200,7 +202,7 @@ def main(cfg):
     opt = memory.adamw(param_groups(model, cfg), lr=cfg.lr, betas=(0.9, 0.95))
     # characters: a proxy for tokens
     lengths = [len(q) + len(r) for q, r in zip(train["question"], train["response"])]
-    start, epoch, order, bad = 0, 0, [], 0
+    start, epoch, order, nonfinite = 0, 0, [], 0
     # everything the next step depends on: weights (loaded above), optimizer, data position, RNG
     if state:
         opt.load_state_dict(state["optimizer"])
@@ -230,7 +232,7 @@ def main(cfg):
         if finite:                       # a NaN/inf update would poison every weight: skip it
             opt.step()
         opt.zero_grad(set_to_none=True)
-        bad = 0 if finite else bad + 1
+        nonfinite = 0 if finite else nonfinite + 1
 
         # ---- logging (rank 0)
         bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.1e}")
@@ -248,7 +250,7 @@ def main(cfg):
             log.flush()
 
         # ---- checkpoints: periodic and on Ctrl-C; stop on repeated non-finite updates
-        if run.after_step("sft.py", cfg, step + 1, bad, stop, model, processor, lambda: {
+        if run.after_step("sft.py", cfg, step + 1, nonfinite, stop, model, processor, lambda: {
                 "optimizer": opt.state_dict(), "epoch": epoch, "order": order,
                 "rng": run.rng_state(), "adapters": memory.adapter_state(model)}):
             return

@@ -128,7 +128,7 @@ def test_convert_response_moves_boxes_into_the_frame_and_normalises_answers():
         assert conv(broken, qtype) is None, broken
     # what we write back is what reward.py reads: the converted reference scores itself perfectly
     ref = conv(RESPONSES[0][2])
-    assert reward.score(ref, ref, "closed_ended_questions", frame=(112, 112))["total"] == 1.0
+    assert reward.score(ref, ref, "closed_ended_questions", image_size=(112, 112))["total"] == 1.0
 
 
 def test_splits_are_by_image_and_broken_rows_are_counted(gemex_files, capsys):
@@ -164,7 +164,7 @@ def test_every_reference_scores_1_against_itself_on_every_component(gemex_files)
     rows = gemex.load_gemex("train", path=path, image_root=root, frame=112)
     assert set(rows["question_type"]) == set(data.QUESTION_TYPES)
     for r, qt, im in zip(rows["response"], rows["question_type"], rows["image"]):
-        s = reward.score(r, r, qt, frame=im.size)
+        s = reward.score(r, r, qt, image_size=im.size)
         assert all(s[k] == 1.0 for k in reward.REWARDS), (r, s)
     answers = {reward.parse(r).answer for r in rows["response"]}
     assert {"A, C", "C", "NG tube tip is in the stomach.", "There is no pneumothorax."} <= answers

@@ -20,8 +20,8 @@ def test_pretraining_films_are_never_a_split_image():
     """The base's films come from a stream of their own: none equals a train, validation or
     test film (compared pixel for pixel over the first 300 of each)."""
     assert data.STREAMS["pretrain"] not in data.SPLITS.values()
-    seen = {np.asarray(f[0]).tobytes() for f in pretrain.films(300, 0)}
-    seen |= {np.asarray(f[0]).tobytes() for f in pretrain.films(300, 1)}  # the card's films
+    seen = {np.asarray(f[0]).tobytes() for f in pretrain.draw_films(300, 0)}
+    seen |= {np.asarray(f[0]).tobytes() for f in pretrain.draw_films(300, 1)}  # the card's films
     for split in data.SPLITS:
         assert not any(np.asarray(data.make_sample(split, i)["image"]).tobytes() in seen
                        for i in range(300))
@@ -32,10 +32,10 @@ def test_pretraining_never_writes_a_thinkvg_trace():
     one task that writes a box writes the box alone, and no answer follows a reasoning of its
     own."""
     rng = np.random.default_rng(0)
-    pool = pretrain.films(40, 0)
+    pool = pretrain.draw_films(40, 0)
     for i in range(400):
         exercise = pretrain.reading(rng, i, 0.5)
-        for question, reasoning, answer in (exercise, pretrain.in_prompt(*exercise)):
+        for question, reasoning, answer in (exercise, pretrain.as_passage(*exercise)):
             assert not reward.BOX.search(question + reasoning + answer)
             assert "<" not in question + reasoning + answer
         request, said = pretrain.image_task(rng, pool[i % 40])
@@ -99,14 +99,11 @@ def test_the_shipped_base_reads_the_two_region_lookup():
     card = json.load(open(os.path.join(base, "pretrain.json")))["card"]
     model, processor = M.load(base)
     model.eval()
-    rng, exercises = np.random.default_rng([7, data.STREAMS["pretrain"], 10 ** 9 + 3]), []
-    while len(exercises) < 60:
-        q, r, a = pretrain.reading(rng, 4 * int(rng.integers(10 ** 9)) + 2, 0.0)
-        if q.startswith("Which region contains"):
-            exercises.append(pretrain.in_prompt(q, r, a))
+    rng = np.random.default_rng([7, data.STREAMS["pretrain"], 10 ** 9 + 3])
+    exercises = [pretrain.as_passage(*pretrain.lookup(rng, 0.0)) for _ in range(60)]
     texts = pretrain.chat_texts(processor, [q for q, _, _ in exercises], False)
     prompt = processor(text=texts, return_tensors="pt", padding=True)
-    said = pretrain._greedy(model, processor, prompt, 4)
+    said = M.decode(model, processor, prompt, max_new_tokens=4, greedy=True)["texts"]
     right = np.mean([s.strip() == a for s, (_, _, a) in zip(said, exercises)])
     assert right >= card["reading in the prompt: Which region contains"] - 0.15, (right, card)
     assert right > 0.5          # four options: chance is 0.25

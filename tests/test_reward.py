@@ -107,8 +107,8 @@ def test_format_reward():
     for text in bad:
         assert score(text, good, "closed_ended_questions")["format"] == 0.0, text
     # a frame makes out-of-image boxes invalid
-    assert parse(trace([[0, 0, 200, 50]]), frame=(112, 112)).well_formed is False
-    assert parse(trace([[0, 0, 112, 50]]), frame=(112, 112)).well_formed is True
+    assert parse(trace([[0, 0, 200, 50]]), image_size=(112, 112)).well_formed is False
+    assert parse(trace([[0, 0, 112, 50]]), image_size=(112, 112)).well_formed is True
 
 
 def test_total_is_weighted_mean():
@@ -131,7 +131,7 @@ def test_every_synthetic_reference_scores_one_against_itself():
     for split in data.SPLITS:
         for i in range(120):
             s = data.make_sample(split, i)
-            r = score(s["response"], s["response"], s["question_type"], frame=(112, 112))
+            r = score(s["response"], s["response"], s["question_type"], image_size=(112, 112))
             assert all(v == 1.0 for v in r.values()), (split, i, s["response"], r)
 
 

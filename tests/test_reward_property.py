@@ -27,8 +27,8 @@ anything = st.text(max_size=400) | near_miss | structured
 @settings(max_examples=3000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(anything, st.sampled_from(data.QUESTION_TYPES),
        st.sampled_from([None, (112, 112), (224, 224)]))
-def test_every_component_is_a_float_in_unit_interval(text, qtype, frame):
-    out = reward.score(text, REF, qtype, frame=frame)
+def test_every_component_is_a_float_in_unit_interval(text, qtype, image_size):
+    out = reward.score(text, REF, qtype, image_size=image_size)
     assert set(out) == {"format", "answer", "grounding", "iou", "total"}
     for k, v in out.items():
         assert isinstance(v, float) and 0.0 <= v <= 1.0, (k, v)
