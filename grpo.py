@@ -236,6 +236,30 @@ def accumulate_gradients(net, roll, adv, old, ref_logp, cfg, amp=torch.float32):
 
 
 # ----------------------------------------------------------------- main
+def load_models(cfg, ckpt, state, device):
+    """The policy (from --init, or a checkpoint when resuming), its processor, and pi_ref: a
+    frozen copy of --init when beta > 0 (None at beta = 0, and under LoRA, where pi_ref is the
+    policy with its adapters off)."""
+    # LoRA resumes from the init + the adapters in the checkpoint's state (bit-exact); full
+    # fine-tuning from the checkpoint's weights
+    dtype = memory.weights_dtype(cfg.dtype)
+    policy, processor = M.load(cfg.init if cfg.lora_r else (ckpt or cfg.init), device, dtype)
+    memory.apply_memory_plan(policy, processor, cfg)
+    run.warn_tiny_lr("grpo.py", cfg.lr, GRPOConfig.lr, policy)
+    if state and cfg.lora_r:
+        memory.load_adapters(policy, state["adapters"])
+    policy.train()
+    ref_model = None
+    if cfg.beta > 0 and not cfg.lora_r:
+        # in the policy's dtype and through the same path of completion_logprobs, so that
+        # kl_ref is exactly 0 before the first update (a bf16 pi_ref of a float32 policy was not)
+        ref_model, _ = M.load(cfg.init, device, dtype)
+        if cfg.grad_checkpointing:
+            ref_model.activation_checkpointing_enable({"use_reentrant": False})
+        ref_model.eval().requires_grad_(False)
+    return policy, processor, ref_model
+
+
 def main(cfg):
     check(cfg)
     device, amp = run.pick_device(cfg.device)
@@ -247,24 +271,8 @@ def main(cfg):
     ckpt, state = run.open_run(cfg.out, cfg.resume)
     if master:
         json.dump(asdict(cfg), open(os.path.join(cfg.out, "run_config.json"), "w"), indent=2)
-    # LoRA resumes from the init + the adapters in the checkpoint's state (bit-exact); full
-    # fine-tuning from the checkpoint's weights
-    dtype = memory.weights_dtype(cfg.dtype)
-    policy, processor = M.load(cfg.init if cfg.lora_r else (ckpt or cfg.init), device, dtype)
-    memory.apply_memory_plan(policy, processor, cfg)
-    run.warn_tiny_lr("grpo.py", cfg.lr, GRPOConfig.lr, policy)
-    if state and cfg.lora_r:
-        memory.load_adapters(policy, state["adapters"])
-    policy.train()
+    policy, processor, ref_model = load_models(cfg, ckpt, state, device)
     net = torch.nn.parallel.DistributedDataParallel(policy) if world > 1 else policy   # updates
-    ref_model = None
-    if cfg.beta > 0 and not cfg.lora_r:   # pi_ref: the frozen init, never loaded at beta = 0
-        # in the policy's dtype and through the same path of completion_logprobs, so that
-        # kl_ref is exactly 0 before the first update (a bf16 pi_ref of a float32 policy was not)
-        ref_model, _ = M.load(cfg.init, device, dtype)
-        if cfg.grad_checkpointing:
-            ref_model.activation_checkpointing_enable({"use_reentrant": False})
-        ref_model.eval().requires_grad_(False)
 
     def ref_logprobs(roll):   # log pi_ref [N, T]; under LoRA pi_ref IS the policy, adapters off
         if cfg.lora_r:

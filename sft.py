@@ -51,7 +51,7 @@ COLD_START_TRACES = 1000
 class SFTConfig(memory.MemoryFlags, data.DataFlags):
     model: str = "tiny-qwen2.5-vl-cxr"  # the pretrained model: the tiny base, a Hub id or a folder
     out: str = "runs/sft"        # output directory for metrics, config and the final checkpoint
-    max_steps: int = 1000        # optimizer steps: 16 epochs of the 1000 default traces
+    max_steps: int = 800         # optimizer steps: ~13 epochs of the 1000 default traces
     batch_size: int = 16         # samples per forward/backward
     grad_accum: int = 1          # forward/backwards per optimizer step (batch = grad_accum x size)
     lr: float = 2e-3             # peak learning rate (the tiny base; a 3B: ~1e-5, LoRA ~1e-4)
