@@ -64,7 +64,7 @@ class GRPOConfig(memory.MemoryFlags, data.DataFlags):
     max_steps: int = 500           # GRPO steps, one rollout each
     prompts: int = 8               # B: prompts per step
     group_size: int = 8            # G: completions per prompt (>= 2: the group is the baseline)
-    temperature: float = 0.7       # sampling temperature (the log-probs are taken at it too)
+    temperature: float = 1.0       # sampling temperature (the log-probs are taken at it too)
     top_p: float = 1.0             # nucleus sampling: refused below 1 (the loss scores the softmax)
     max_new_tokens: int = 0        # completion budget (0: 1.25 x the references' 99th pct, >= 160)
     mu: int = 1                    # passes over each rollout (mu > 1 reuses it: rho matters)
