@@ -176,8 +176,8 @@ def test_top_p_keeps_the_nucleus():
 
 
 def test_scoring_at_the_sampling_temperature_is_the_sampling_distribution(tiny, batch):
-    # GRPO samples at a temperature T (0.7 here); the log-probs it scores (ratio, KL, entropy) must be those of the
-    # distribution generate() drew from: log_softmax(logits / T), not log_softmax(logits)
+    # GRPO samples at a temperature T (0.7 here); the log-probs it scores (ratio, KL, entropy)
+    # must be those of the distribution generate() drew from: log_softmax(logits / T)
     model, processor = tiny
     prompt = M.build_prompts(processor, *batch[:2])
     torch.manual_seed(0)
