@@ -123,14 +123,13 @@ def completion_html(j, c, scale):
             f'class="head">{html.escape(head)}</div><div class="text">{spans}</div></div>')
 
 
-def page(record, title, links="", scale=None):
+def page(record, title, links=""):
     """The whole page of one record (a GRPO step, or evaluate.py's best and worst). The colour
-    scale saturates at the 95th percentile of |A| on the page (or at `scale`): the few largest
-    advantages would otherwise wash every other token out."""
-    if scale is None:
-        mags = sorted(abs(a) for p in record["prompts"] for c in p["completions"]
-                      for a in c["advantages"])
-        scale = (mags[int(0.95 * (len(mags) - 1))] if mags else 0.0) or 1.0
+    scale saturates at the 95th percentile of |A| on the page: the few largest advantages would
+    otherwise wash every other token out."""
+    mags = sorted(abs(a) for p in record["prompts"] for c in p["completions"]
+                  for a in c["advantages"])
+    scale = (mags[int(0.95 * (len(mags) - 1))] if mags else 0.0) or 1.0
     legend = "".join(f'<span style="background:{shade(v * scale, scale)}">{v * scale:+.2f}</span>'
                      for v in (-1, -0.5, -0.25, 0, 0.25, 0.5, 1))
     out = [f"<!doctype html><html><head><meta "
