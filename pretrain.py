@@ -1,12 +1,10 @@
 """pretrain.py -- Stage 0, done for you: the tiny base model, pretrained once, as a VLM is.
 
-Every real run of this recipe starts from a pretrained model: Qwen2.5-VL already sees, reads,
-writes a region's box when asked and answers questions, and has never seen a ThinkVG trace. The
-offline miniature does the same with a tiny Qwen2.5-VL (the real architecture at 1.8M parameters)
-pretrained here, once, and shipped in the repository (BASE): `python sft.py` loads it exactly as
-`--model Qwen/Qwen2.5-VL-3B-Instruct` loads the real one. This file is the only place the tiny
-model is built from its config (the tests' random tiny models too: build()); nothing else needs
-to run it.
+Every real run of this recipe starts from a pretrained model that sees, reads, writes a region's
+box when asked, and has never seen a ThinkVG trace. The miniature does the same with a tiny
+Qwen2.5-VL (the real architecture at 1.8M parameters) pretrained here once and shipped (BASE):
+`python sft.py` loads it as `--model Qwen/Qwen2.5-VL-3B-Instruct` loads the real one. This is
+the only file that builds the tiny model from its config (build(): the tests' random models too).
 
 What the base learns, on films of its own stream (never an image of the train, validation or
 test splits) and never from a ThinkVG trace (no reasoning with boxes followed by an answer):
@@ -20,12 +18,11 @@ test splits) and never from a ThinkVG trace (no reasoning with boxes followed by
              a passage in the user's turn ("<statements>\n<question>" -> "B"), half the time
              the assistant's own chain of thought ("<question>" -> "<statements>\nAnswer: B",
              the statements context, the answer the target), as a pretrained LLM reads both.
-             Two regions described and four lettered options is a three-hop lookup a small
-             decoder learns after a long plateau: it gets a share of its own and a curriculum
-             (one region described first, then both).
+             The letter lookup (two regions described, four options) gets a share of its own
+             and a curriculum (one region described first, then both).
 
-Before the language-model phase, the vision tower learns what each film shows and where, with
-heads of its own (warm_up_tower): from the language loss alone a from-scratch tower learns slowly.
+First the vision tower learns what each film shows and where, with heads of its own
+(warm_up_tower): from the language loss alone a from-scratch tower learns slowly.
 
     python pretrain.py                       # ~75 min on 2 CPU cores: writes BASE and its card
     python pretrain.py --films 2000 --tower-steps 50 --steps 200 --warmup-steps 20 --eval-n 50 \
@@ -91,10 +88,8 @@ PIXELS = 112 * 112  # the image processor's budget: every film is seen at 112 x 
 
 @functools.lru_cache(maxsize=1)
 def build_tokenizer(vocab_size=1024):
-    """A byte-level BPE trained on the base's own texts (never a ThinkVG trace). Digits are one
-    token each (as in Qwen's tokenizer), so a coordinate is spelt from ten symbols; the ThinkVG
-    tags and each region name are single added tokens (a name then reads as one token). Its
-    texts come from the base's tasks (report, reading: defined below)."""
+    """A byte-level BPE trained on the base's own texts (never a ThinkVG trace): digits one token
+    each (as Qwen's), the ThinkVG tags and each region name single added tokens."""
     from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
     rng = np.random.default_rng([0, data.STREAMS["pretrain"], 10 ** 9])
     texts = [BASE_SYSTEM, M.SYSTEM_PROMPT, "<think>", "<answer>"]
@@ -172,12 +167,10 @@ def image_task(rng, film):
 
 
 def reading(rng, index, one_statement):
-    """A reading exercise, text only: a question of the task's templates, then a written
-    reasoning (statements about regions) and the answer it implies -> (question, reasoning,
-    answer). The reasoning is a ThinkVG reasoning WITHOUT its boxes and tags, as a chat model's
-    chain of thought ("... Answer: B"); the base learns the answer, not the statements (they
-    come from no film). one_statement: the chance that "Which region contains the X?" is
-    reasoned with only the region that holds it (the curriculum's first step)."""
+    """A reading exercise, text only -> (question, reasoning, answer): the reasoning is a ThinkVG
+    reasoning WITHOUT its boxes and tags, as a chain of thought ("... Answer: B"); the target is
+    the answer only. one_statement: the chance that "Which region contains the X?" is reasoned
+    with only the region that holds it (the curriculum's first step)."""
     qtype, variant, findings = data._header(rng, index)
     at = {r: k for k, r in findings}
     question, statements, answer = data.ask(rng, qtype, variant, findings,
@@ -190,25 +183,21 @@ def reading(rng, index, one_statement):
 
 def as_passage(question, reasoning, answer):
     """The same exercise as reading comprehension: the reasoning in the user's turn before the
-    question, the answer as the whole reply -> (request, written: none, answer). A pretrained
-    LLM reads both ways: a passage it is given, and its own chain of thought."""
+    question, the answer as the whole reply -> (request, written: none, answer)."""
     return reasoning.removesuffix("\nAnswer:") + "\n" + question, "", answer.strip()
 
 
 def reading_index(rng, single_share, multi_share):
-    """The index of a reading exercise: its question type is index % 4 (data._header). The
-    single-choice type holds the two-region letter lookup, the hardest reading, so it gets a
-    share of its own; the yes/no and open questions share what single and multi choice leave."""
+    """The index of a reading exercise: its question type is index % 4 (data._header); the
+    yes/no and open questions share what single and multi choice leave."""
     rest = (1 - single_share - multi_share) / 2
     kind = rng.choice(4, p=[rest, rest, single_share, multi_share])
     return 4 * int(rng.integers(10 ** 9)) + int(kind)
 
 
 def lookup(rng, one_statement):
-    """A reading exercise of the letter lookup ("Which region contains the X?", four lettered
-    options, two regions described; one with chance one_statement, the curriculum), drawn from
-    the single-choice type until it comes. The hardest reading for a small decoder: it is learnt
-    after a long plateau, so it gets a share of its own."""
+    """A letter lookup ("Which region contains the X?", four options, two regions described),
+    drawn from the single-choice type until it comes: learnt after a long plateau."""
     while True:
         exercise = reading(rng, 4 * int(rng.integers(10 ** 9)) + 2, one_statement)
         if exercise[0].startswith("Which region contains"):
@@ -216,9 +205,8 @@ def lookup(rng, one_statement):
 
 
 def chat_texts(processor, requests, with_image, written=None):
-    """The chat prompts, as text: the base's system prompt, the user's request (after an image
-    placeholder when with_image), and the start of the assistant's turn, which `written` (a
-    reasoning the base reads, never a target) continues."""
+    """The chat prompts, as text: the base's system prompt, the request (after an image when
+    with_image), the assistant's turn begun by `written` (a reasoning read, never a target)."""
     image = [{"type": "image"}] if with_image else []
     return [processor.apply_chat_template(
         [{"role": "system", "content": BASE_SYSTEM},
@@ -228,10 +216,8 @@ def chat_texts(processor, requests, with_image, written=None):
 
 
 def chat(processor, images, requests, answers, device, written=None):
-    """Chat prompts under the base's system prompt (with a film each, or text only), optionally
-    followed by the start of the assistant's turn (`written`: a reasoning the base reads, never a
-    target), and the answers -> (prompt BatchFeature, answer ids [B, T], mask [B, T]: the answer
-    and its end of turn)."""
+    """chat_texts' prompts (a film each, or text only) and the answers -> (prompt BatchFeature,
+    answer ids [B, T], mask [B, T]: the answer and its end of turn)."""
     texts = chat_texts(processor, requests, bool(images), written)
     prompt = processor(images=[[im] for im in images] if images else None, text=texts,
                        return_tensors="pt", padding=True).to(device)
@@ -271,10 +257,8 @@ def tower_targets(boxes, findings, grid, frame):
 
 
 def patch_order(grid, m):
-    """Inside Qwen2.5-VL's tower (and in the processor's pixel_values) patches are grouped by merge
-    unit, m x m patches each, the units in raster order. Returns, for each of those rows, the
-    raster index (row * grid*m + column) of its patch, so raster targets can be put in tower
-    order."""
+    """Qwen2.5-VL's tower (and pixel_values) groups patches by merge unit, m x m each, units in
+    raster order: for each of its rows, the raster index of its patch (targets in tower order)."""
     pgrid, rows = grid * m, torch.empty(grid * grid * m * m, dtype=torch.long)
     for r in range(pgrid):
         for c in range(pgrid):
@@ -283,15 +267,13 @@ def patch_order(grid, m):
 
 
 def warm_up_tower(model, processor, pool, cfg, device, frame=112, batch=32):
-    """Teach the vision tower WHAT each film shows and WHERE before any text is involved.
-    Every image token learns, through one linear head, the regions that cover it and the film's
-    report (which regions are abnormal, with what): given a report in every token, a 4-layer
-    decoder then learns to read a region's state in a few hundred steps, where sparse local
-    features took thousands. A report is global, so the tower must pool a finding's patches
-    into every token; deep supervision (the block before the last already says, per patch,
-    which regions cover it and what is there) makes that pooling fast to learn.
-    Qwen2.5-VL's tower has no absolute position embedding (2-D rotary only, relative), so naming
-    a region is learned from the anatomy around each patch."""
+    """Teach the vision tower WHAT each film shows and WHERE before any text is involved. Every
+    image token learns, through one linear head, the regions covering it and the film's report
+    (which regions are abnormal, with what): a 4-layer decoder then reads a region's state in a
+    few hundred steps, where sparse local features took thousands. Deep supervision (the block
+    before the last says, per patch, which regions cover it and what is there) makes pooling a
+    finding into every token fast to learn. The tower has no absolute position embedding (2-D
+    rotary only), so naming a region is learned from the anatomy around each patch."""
     ip, tower, R = processor.image_processor, model.model.visual, len(data.REGIONS)
     m, grid = ip.merge_size, frame // (ip.patch_size * ip.merge_size)    # grid x grid image tokens
     pgrid, rows = grid * m, patch_order(grid, m)
@@ -399,7 +381,7 @@ def main(cfg):
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
     device, t0 = torch.device("cpu"), time.time()
-    made = provenance()                 # the commit it starts from, before anything is committed
+    made = run.provenance()             # the commit it starts from, before anything is committed
     model, processor = build(cfg.seed)
     model.train()
     print(f"tiny Qwen2.5-VL: {sum(p.numel() for p in model.parameters()):,} parameters, "
@@ -449,19 +431,6 @@ def main(cfg):
     json.dump(record, open(os.path.join(cfg.out, "pretrain.json"), "w"), indent=2)
     write_card(cfg.out, record)
     print(f"wrote {cfg.out} after {minutes:.1f} min")
-
-
-def provenance():
-    """Where the base was made: the commit, the processor, the threads."""
-    import platform
-    import subprocess
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                            cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip()
-    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo")
-                if line.startswith("model name")),
-               platform.processor()) if os.path.exists("/proc/cpuinfo") else platform.processor()
-    return {"commit": commit, "machine": f"{os.cpu_count()} x {cpu}",
-            "threads": torch.get_num_threads(), "date": time.strftime("%Y-%m-%d")}
 
 
 def write_card(out, record):

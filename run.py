@@ -14,9 +14,12 @@ import dataclasses
 import inspect
 import json
 import os
+import platform
 import random
 import re
 import shutil
+import subprocess
+import time
 
 import torch
 import torch.distributed as dist
@@ -53,6 +56,17 @@ def peak_memory(device):
     if device.type != "cuda":
         return ""
     return f", peak GPU memory {torch.cuda.max_memory_allocated(device) / 2**30:.1f} GiB"
+
+
+def provenance():
+    """Where a run is made: the commit of this code, the processor, the threads, the date."""
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                            cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip()
+    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo")
+                if line.startswith("model name")),
+               platform.processor()) if os.path.exists("/proc/cpuinfo") else platform.processor()
+    return {"commit": commit, "machine": f"{os.cpu_count()} x {cpu}",
+            "threads": torch.get_num_threads(), "date": time.strftime("%Y-%m-%d")}
 
 
 # -------------------------------------------------------------------------- several GPUs (torchrun)
