@@ -319,8 +319,8 @@ def completion_logprobs(model, prompt, completion_ids, completion_mask, entropy=
     Logits at position P-1+t predict completion token t: the prefill's last logits predict token 0.
     Values past the end-of-turn token are meaningless: multiply by the mask before using them.
     entropy=True also returns each position's policy entropy in nats, [N, T], without a graph.
-    `temperature`: the policy is softmax(logits / T). GRPO samples at T = 0.7, so it must score
-    at T = 0.7 too, or the ratio, the KL and the gradient belong to another policy than the one
+    `temperature`: the policy is softmax(logits / T). GRPO samples at --temperature T, so it
+    must score at T too, or the ratio, the KL and the gradient belong to another policy than the one
     that wrote the completions (TRL and verl divide the same way). SFT and evaluation use T = 1.
     `support` [V] bool (sample()'s): the softmax is over those ids only, as in sampling.
     """
