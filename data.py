@@ -18,7 +18,6 @@ Conventions (GEMeX): boxes are integer pixels [x1, y1, x2, y2] of the image the 
 image's LEFT.
 """
 import argparse
-import hashlib
 import math
 from collections import Counter
 from dataclasses import dataclass
@@ -26,21 +25,21 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageFilter
 
+from gemex import (GEMEX_FRAME, GEMEX_HUB_ID, QUESTION_TYPES, _features, _source_hash,  # noqa: F401
+                   format_box, load_gemex, rescale_box)
+
 # ----------------------------------------------------------------------------- config
 @dataclass
 class DataConfig:
-    frame: int = 112        # synthetic image side in pixels (GEMeX uses 224; half is 4x cheaper on CPU)
+    frame: int = 112  # synthetic image side in pixels (GEMeX uses 224; half is 4x cheaper on CPU)
     seed: int = 0           # master seed: same seed, same dataset, bit for bit
     n_train: int = 8000     # samples (= images) in the train split
     n_val: int = 500        # samples in the validation split
     n_test: int = 1000      # samples in the test split
 
-GEMEX_FRAME = 224  # the frame in which real GEMeX boxes are written
-GEMEX_HUB_ID = "BoKelvin/GEMeX-ThinkVG"  # the real data, read by gemex.py
-QUESTION_TYPES = ["open_ended_questions", "closed_ended_questions",
-                  "single_choice_questions", "multi_choice_questions"]
-SPLITS = {"train": 0, "validation": 1, "test": 2}  # the split id goes into the seed: no shared images
-STREAMS = {**SPLITS, "reading": 4}                 # + sft.py's text-only reading warm-up (3: the tower's)
+# the split id goes into the seed: no shared images
+SPLITS = {"train": 0, "validation": 1, "test": 2}
+STREAMS = {**SPLITS, "pretrain": 3}               # + pretrain.py's films and texts: never a split's
 
 # Chest ImaGenome-style anatomical regions. "right"/"left" are the patient's.
 REGIONS = ["right upper lung zone", "right mid lung zone", "right lower lung zone",
@@ -54,7 +53,8 @@ FINDINGS = {
     "nodule":           (LUNG_ZONES, "a small round opacity"),
     "mass":             (LUNG_ZONES, "a large dense opacity"),
     "consolidation":    ([r for r in LUNG_ZONES if "upper" not in r], "patchy airspace opacity"),
-    "pneumothorax":     ([r for r in LUNG_ZONES if "upper" in r], "a dark rim without lung markings"),
+    "pneumothorax":     ([r for r in LUNG_ZONES if "upper" in r],
+                         "a dark rim without lung markings"),
     "pleural effusion": (REGIONS[6:8], "fluid blunting the angle"),
     "cardiomegaly":     (["cardiac silhouette"], "an enlarged heart outline"),
 }
@@ -65,23 +65,6 @@ NO_FINDING = "none"  # the open-ended answer for a region with nothing in it
 
 
 # ----------------------------------------------------------------------------- boxes
-def rescale_box(box, src_size, dst_size):
-    """THE one place where a box changes frame: [x1,y1,x2,y2] in a src (w, h) image -> dst (w, h).
-
-    Real GEMeX boxes are written in a 224x224 frame; the model may see another size. Training,
-    reward and evaluation all call this, so boxes are never compared across frames. Coordinates
-    are clamped into the destination frame (some GEMeX boxes overshoot the image by a pixel).
-    """
-    sx, sy = dst_size[0] / src_size[0], dst_size[1] / src_size[1]
-    x1, y1, x2, y2 = box
-    out = [round(x1 * sx), round(y1 * sy), round(x2 * sx), round(y2 * sy)]
-    return [min(max(v, 0), dst_size[i % 2]) for i, v in enumerate(out)]
-
-
-def format_box(box):
-    return "[" + ", ".join(str(int(v)) for v in box) + "]"
-
-
 def _mask_box(mask):
     """Tight integer box of a boolean mask, x2/y2 exclusive."""
     ys, xs = np.nonzero(mask)
@@ -124,11 +107,13 @@ def draw_radiograph(rng, frame, findings):
         lungs[side], shape[side] = lung, rr
         v0, v1 = V[lung].min(), V[lung].max()                      # zones = thirds of lung height
         for i, name in enumerate(("upper", "mid", "lower")):
-            zones[f"{side} {name} lung zone"] = lung & (V >= v0 + i * (v1 - v0) / 3) & (V <= v0 + (i + 1) * (v1 - v0) / 3)
-        lateral = (cu - U) if side == "right" else (U - cu)            # > 0 towards this lung's outer wall
+            top, bottom = v0 + i * (v1 - v0) / 3, v0 + (i + 1) * (v1 - v0) / 3
+            zones[f"{side} {name} lung zone"] = lung & (V >= top) & (V <= bottom)
+        lateral = (cu - U) if side == "right" else (U - cu)  # > 0 towards this lung's outer wall
         j = np.argmax(np.where(lung, V + 0.6 * lateral, -9))           # the lateral-inferior corner
         cu_cp = U.flat[j] + (0.03 if side == "right" else -0.03)
-        cps[f"{side} costophrenic angle"] = body & (np.abs(U - cu_cp) < 0.075) & (np.abs(V - V.flat[j] + 0.02) < 0.075)
+        near = (np.abs(U - cu_cp) < 0.075) & (np.abs(V - V.flat[j] + 0.02) < 0.075)
+        cps[f"{side} costophrenic angle"] = body & near
     masks = {**zones, **cps, "cardiac silhouette": heart,
              "upper mediastinum": mediast & (V < 0.45)}
     boxes = {name: _mask_box(m) for name, m in masks.items()}
@@ -162,11 +147,11 @@ def draw_radiograph(rng, frame, findings):
         elif kind == "consolidation":
             patch = (_smooth_noise(rng, frame, 10) > -0.1) & m
             img = np.where(patch, img + 0.5, img)
-        elif kind == "pleural effusion":                       # fluid fills the base, meniscus rises laterally
+        elif kind == "pleural effusion":  # fluid fills the base, meniscus rises laterally
             lung = lungs[side]
             level = V[lung].max() - rng.uniform(0.09, 0.15) - 0.08 * np.abs(U - 0.5) / 0.35
             img = np.where(lung & (V > level), 0.66, img)
-        elif kind == "pneumothorax":                           # air rim at the apex/lateral wall, no markings
+        elif kind == "pneumothorax":  # air rim at the apex/lateral wall, no markings
             lung, d = lungs[side], rng.uniform(0.24, 0.375)
             rim = lung & (shape[side] > (1 - d) ** 2) & (V < V[m].max() + 0.08)
             line = lung & (shape[side] > (1 - d - 0.04) ** 2) & ~rim & (V < V[m].max() + 0.08)
@@ -193,9 +178,9 @@ def _smooth_noise(rng, frame, cells):
     return np.asarray(coarse.resize((frame, frame), Image.BILINEAR)) / 1.5
 
 
-# ----------------------------------------------------------------------------- questions and ThinkVG traces
+# --------------------------------------------------------------------- questions and ThinkVG traces
 def sample_findings(rng, min_n=0):
-    """0-2 findings, each in its own region; never two on one lung base (effusion hides the zone)."""
+    """0-2 findings, each in its own region; never two on one lung base (effusion hides a zone)."""
     n = max(min_n, int(rng.choice([0, 1, 2], p=[0.3, 0.45, 0.25])))
     out, used = [], set()
     for kind in rng.permutation(list(FINDINGS))[:n]:
@@ -210,12 +195,12 @@ def sample_findings(rng, min_n=0):
 
 def describe(region, box, at):
     """One reasoning sentence that names a region with its box: the unit of a ThinkVG trace.
-    `at` maps each abnormal region to its finding."""
-    kind = at.get(region)
+    `at` maps each abnormal region to its finding. box=None: the same sentence without a box."""
+    kind, named = at.get(region), region if box is None else f"{region} {format_box(box)}"
     if kind:
-        return f"The {region} {format_box(box)} shows {FINDINGS[kind][1]}."
+        return f"The {named} shows {FINDINGS[kind][1]}."
     clear = "has a normal outline" if region == "cardiac silhouette" else "is clear"
-    return f"The {region} {format_box(box)} {clear}."
+    return f"The {named} {clear}."
 
 
 def _options(rng, truth, pool):
@@ -231,19 +216,35 @@ def _lettered(opts):
 
 
 def make_sample(split, index, seed=0, frame=112):
-    """Sample `index` of `split`: its own image, one question, a ThinkVG response. Pure in its args."""
+    """Sample `index` of `split`: its image, one question, a ThinkVG response. Pure in its args."""
     rng = np.random.default_rng([seed, STREAMS[split], index])
+    qtype, variant, findings = _header(rng, index)
+    pixels, boxes = draw_radiograph(rng, frame, findings)
+    at = dict((r, k) for k, r in findings)
+    q, think, answer = ask(rng, qtype, variant, findings, lambda r: describe(r, boxes[r], at))
+    response = f"<think>{' '.join(think)}</think><answer>{answer}</answer>"
+    return {"image_path": f"synthetic/{split}/{index:06d}.png", "image": Image.fromarray(pixels),
+            "question": q, "question_type": qtype, "response": response}
+
+
+def _header(rng, index):
+    """(question type, which of its two templates, the film's findings) of sample `index`."""
     qtype = QUESTION_TYPES[index % 4]  # exact balance of the four GEMeX question types
     variant = rng.random() < 0.5       # which of the two templates of this type
     needs_finding = qtype in ("open_ended_questions", "multi_choice_questions") or (
         qtype in ("closed_ended_questions", "single_choice_questions") and variant)
     findings = sample_findings(rng, min_n=int(needs_finding))
-    if variant and qtype in ("open_ended_questions", "single_choice_questions"):  # "where is the X?"
-        findings = [f for f in findings if f[0] != "cardiomegaly"] or [("nodule", LUNG_ZONES[rng.integers(6)])]
-    pixels, boxes = draw_radiograph(rng, frame, findings)
-    at = dict((r, k) for k, r in findings)
-    say = lambda r: describe(r, boxes[r], at)  # noqa: E731
+    # "where is the X?"
+    if variant and qtype in ("open_ended_questions", "single_choice_questions"):
+        findings = ([f for f in findings if f[0] != "cardiomegaly"]
+                    or [("nodule", LUNG_ZONES[rng.integers(6)])])
+    return qtype, variant, findings
 
+
+def ask(rng, qtype, variant, findings, say):
+    """A question about a film with these findings, the reasoning sentences that decide it (each
+    from say(region)) and the answer: (question, [sentences], answer)."""
+    at = dict((r, k) for k, r in findings)
     if qtype == "closed_ended_questions":
         if variant:                                   # a "yes": ask about a finding that is there
             kind, region = findings[rng.integers(len(findings))]
@@ -261,8 +262,9 @@ def make_sample(split, index, seed=0, frame=112):
             kind, region = findings[rng.integers(len(findings))]
             q, answer = f"Where is the {kind}?", region
         else:                                         # what is there? -> a finding name or "none"
+            # a finding's region, else mostly a clear one: "none"
             region = (findings[rng.integers(len(findings))][1] if rng.random() < 0.6
-                      else REGIONS[rng.integers(len(REGIONS))])  # else mostly a clear region: "none"
+                      else REGIONS[rng.integers(len(REGIONS))])
             q, answer = f"What abnormality is seen in the {region}?", at.get(region, NO_FINDING)
         think = [say(region)]
     elif qtype == "single_choice_questions":
@@ -285,49 +287,14 @@ def make_sample(split, index, seed=0, frame=112):
         normal = [r for r in REGIONS if r not in at]
         pick = [normal[i] for i in rng.permutation(len(normal))[: 4 - len(abnormal)]]
         opts = _options(rng, abnormal + pick, [])
-        q = f"Which of these regions {'are abnormal' if ask_abnormal else 'appear normal'}? {_lettered(opts)}"
+        state = "are abnormal" if ask_abnormal else "appear normal"
+        q = f"Which of these regions {state}? {_lettered(opts)}"
         think = [say(r) for r in opts]
         answer = ", ".join(l for l, r in zip("ABCD", opts) if (r in at) == ask_abnormal)
-    response = f"<think>{' '.join(think)}</think><answer>{answer}</answer>"
-    return {"image_path": f"synthetic/{split}/{index:06d}.png", "image": Image.fromarray(pixels),
-            "question": q, "question_type": qtype, "response": response}
-
-
-def tower_samples(n, seed=0, frame=112):
-    """n fresh (image, {region: box}, {abnormal region: finding}) triples for the vision warm-up of
-    sft.py. Their own seed stream: no train, validation or test image is among them."""
-    for i in range(n):
-        rng = np.random.default_rng([seed, 3, i])
-        findings = sample_findings(rng)
-        pixels, boxes = draw_radiograph(rng, frame, findings)
-        yield Image.fromarray(pixels), boxes, {r: k for k, r in findings}
-
-
-def reading_samples(n, seed=0, frame=112):
-    """n fresh (question, response) pairs for sft.py's reading warm-up, TEXT only: a stream of
-    their own (split id 4), so no train, validation or test question is among them."""
-    for i in range(n):
-        s = make_sample("reading", i, seed, frame)
-        yield s["question"], s["response"]
+    return q, think, answer
 
 
 # ----------------------------------------------------------------------------- datasets container
-def _features(*extra):
-    """The `datasets` schema of a sample, synthetic or real: the GEMeX columns + the decoded image
-    (+ any `extra` string columns)."""
-    import datasets
-    text = datasets.Value("string")
-    return datasets.Features({"image_path": text, "image": datasets.Image(), "question": text,
-                              "question_type": text, "response": text, **{k: text for k in extra}})
-
-
-def _source_hash(file=__file__):
-    """A hash of this file (or another source file), put in the loaders' gen_kwargs: `datasets`
-    fingerprints the arguments, not the code they call, so without it an edit here would be
-    served a stale cache."""
-    return hashlib.sha1(open(file, "rb").read()).hexdigest()
-
-
 def _generate(split, n, seed, frame, source_hash):
     # source_hash is unused here: it is only there to key the cache (see _source_hash)
     for i in range(n):
@@ -352,7 +319,7 @@ def load_synthetic(split="train", n=None, cfg=DataConfig(), cache_dir=None):
         ds = datasets.Dataset.from_generator(
             _generate, features=_features(), split=datasets.NamedSplit(split),
             gen_kwargs={"split": split, "n": n, "seed": cfg.seed, "frame": cfg.frame,
-                        "source_hash": _source_hash()},
+                        "source_hash": _source_hash(__file__)},
             cache_dir=cache_dir)
     finally:
         if was:
@@ -364,7 +331,7 @@ def load_synthetic(split="train", n=None, cfg=DataConfig(), cache_dir=None):
 @dataclass
 class DataFlags:
     """The data flags of sft.py, grpo.py and evaluate.py: their configs inherit these fields."""
-    data: str = "synthetic"        # 'synthetic' (data.py draws it) or 'gemex' (the real GEMeX-ThinkVG parquet)
+    data: str = "synthetic"        # 'synthetic' (drawn by data.py) or 'gemex' (the GEMeX parquet)
     data_path: str = GEMEX_HUB_ID  # --data gemex: the parquet file (or the Hub id when online)
     image_root: str = ""           # --data gemex: the local MIMIC-CXR-JPG files/ directory
 
@@ -380,12 +347,11 @@ def load(split, n=None, flags=DataFlags(), frame=None):
     the side GEMeX films are resized to; the synthetic set is drawn at its own DataConfig.frame,
     which every Qwen processor keeps as it is (build_prompts asserts that it does)."""
     if flags.data == "gemex":
-        from gemex import load_gemex          # imported here: gemex.py builds on this file
         return load_gemex(split, n, flags.data_path, flags.image_root, frame or GEMEX_FRAME)
     return load_synthetic(split, n)
 
 
-# ----------------------------------------------------------------------------- preview and statistics
+# --------------------------------------------------------------------------- preview and statistics
 COLOURS = ["#ff4040", "#40c0ff", "#ffd040", "#60ff60"]
 
 
@@ -396,7 +362,8 @@ def draw_boxes(image, boxes, colours, scale=3, labels=None):
     d = ImageDraw.Draw(img)
     for i, b in enumerate(boxes):
         c = colours[i % len(colours)]
-        d.rectangle([b[0] * scale, b[1] * scale, b[2] * scale - 1, b[3] * scale - 1], outline=c, width=2)
+        d.rectangle([b[0] * scale, b[1] * scale, b[2] * scale - 1, b[3] * scale - 1], outline=c,
+                    width=2)
         if labels:
             d.text((b[0] * scale + 3, b[1] * scale + 2), labels[i], fill=c)
     return img
@@ -413,12 +380,14 @@ def preview(path="preview.png", n=8, cfg=DataConfig()):
     for i in range(n):
         s = make_sample("train", i, cfg.seed, cfg.frame)
         p = parse(s["response"])
-        img = draw_boxes(s["image"], [b for _, b in p.boxes], COLOURS, labels=[r for r, _ in p.boxes])
+        img = draw_boxes(s["image"], [b for _, b in p.boxes], COLOURS,
+                         labels=[r for r, _ in p.boxes])
         x, y = (i % cols) * tile, (i // cols) * (tile + text_h)
         sheet.paste(img, (x, y))
         lines = textwrap.wrap(f"[{s['question_type'].split('_')[0]}] {s['question']}", 52)
         lines += textwrap.wrap(f"answer: {p.answer}", 52)
-        ImageDraw.Draw(sheet).multiline_text((x + 4, y + tile + 4), "\n".join(lines[:9]), fill="black")
+        ImageDraw.Draw(sheet).multiline_text((x + 4, y + tile + 4), "\n".join(lines[:9]),
+                                             fill="black")
     sheet.save(path)
     print(f"wrote {path} ({n} samples)")
 
@@ -445,7 +414,8 @@ def stats(split="train", n=2000, cfg=DataConfig()):
 
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--preview", nargs="?", const="preview.png", help="write a PNG grid of samples to this path")
+    ap.add_argument("--preview", nargs="?", const="preview.png",
+                    help="write a PNG grid of samples to this path")
     ap.add_argument("--stats", action="store_true", help="print the synthetic set's statistics")
     ap.add_argument("--n", type=int, default=2000, help="samples to count with --stats")
     ap.add_argument("--seed", type=int, default=DataConfig.seed, help="dataset seed")

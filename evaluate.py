@@ -49,8 +49,8 @@ import reward
 import rollouts
 import run
 
-METRICS = ["format_rate", "accuracy", "mean_iou", "iou50_rate", "grounding_rate", "consistency_rate", "count_rate",
-           "n_boxes", "mean_length"]
+METRICS = ["format_rate", "accuracy", "mean_iou", "iou50_rate", "grounding_rate",
+           "consistency_rate", "count_rate", "n_boxes", "mean_length"]
 UNBOUNDED = ("n_boxes", "mean_length")
 SPLITS = ("test", "validation", "train")   # not rates in [0, 1], and no side of them is better
 
@@ -59,31 +59,34 @@ SPLITS = ("test", "validation", "train")   # not rates in [0, 1], and no side of
 # Inherited flags: --data, --data-path, --image-root (data.DataFlags).
 @dataclass
 class EvalConfig(data.DataFlags):
-    checkpoint: str = "runs/sft"     # one or more checkpoint directories (space separated on the command line)
-    against: str = ""                # as many checkpoints, paired one to one with --checkpoint (one per seed): the mean over seeds
-    split: str = "test"              # 'test', 'validation' or 'train' (a small file may hold no test image)
-    n: int = 1000                    # samples evaluated, the same for every checkpoint (synthetic: a prefix; gemex: a seeded subset, or all)
+    checkpoint: str = "runs/sft"     # one or more checkpoint directories, space separated
+    against: str = ""                # as many baselines, one per --checkpoint (a seed each)
+    split: str = "test"  # 'test', 'validation' or 'train' (a small file may hold no test image)
+    n: int = 1000                    # samples evaluated, the same ones for every checkpoint
     batch_size: int = 100            # prompts per generate call
-    max_new_tokens: int = 0          # generation budget per answer (0: sized from the data, 1.25x the references' 99th percentile, >= 160)
+    max_new_tokens: int = 0          # tokens per answer (0: 1.25x the references' 99th pct, >= 160)
     json: str = ""                   # also write the numbers to this JSON file
     gallery: str = "gallery.png"     # PNG gallery of a few samples per checkpoint ('' to skip)
-    curves: str = ""                 # PNG of the training curves in each checkpoint's metrics.jsonl ('' to skip)
+    curves: str = ""  # PNG of the training curves in each checkpoint's metrics.jsonl ('' to skip)
     bootstrap: int = 2000            # paired-bootstrap resamples for the confidence intervals
     device: str = "auto"             # 'auto' (CUDA if available), 'cpu' or 'cuda'
-    dtype: str = "auto"              # weights: 'auto' (bfloat16 on a GPU with native bf16, else float32), float32 or bfloat16
-    predictions: str = ""            # also write one JSON line per sample and checkpoint (for a judge), and a page of the last's best and worst
+    dtype: str = "auto"              # weights: 'auto' (bf16 on a bf16 GPU, else fp32) or a dtype
+    predictions: str = ""            # write a JSON line per sample (for a judge) and a page of them
 
 
 def check(cfg):
     """Flag values that cannot work, named, before anything is loaded."""
-    size = {"test": data.DataConfig.n_test, "validation": data.DataConfig.n_val, "train": data.DataConfig.n_train}
+    size = {"test": data.DataConfig.n_test, "validation": data.DataConfig.n_val,
+            "train": data.DataConfig.n_train}
     size = size.get(cfg.split, 0)
     for ok, msg in ((cfg.split in SPLITS, f"--split must be one of {', '.join(SPLITS)}"),
                     *data.DataFlags.problems(cfg),
-                    (cfg.n >= 1 and (cfg.data != "synthetic" or cfg.n <= size), f"--n must be in 1..{size}"),
+                    (cfg.n >= 1 and (cfg.data != "synthetic" or cfg.n <= size),
+                     f"--n must be in 1..{size}"),
                     (cfg.batch_size >= 1 and cfg.max_new_tokens >= 0 and cfg.bootstrap >= 1,
                      "--batch-size and --bootstrap must be >= 1, --max-new-tokens >= 0"),
-                    (cfg.dtype in ("auto", "float32", "bfloat16"), "--dtype must be auto, float32 or bfloat16")):
+                    (cfg.dtype in ("auto", "float32", "bfloat16"),
+                     "--dtype must be auto, float32 or bfloat16")):
         if not ok:
             raise SystemExit(f"evaluate.py: {msg}")
 
@@ -99,9 +102,12 @@ def greedy_scores(model, processor, rows, batch_size=100, max_new_tokens=160):
         batch = {k: v[i: i + batch_size] for k, v in rows.items()}
         out = M.sample(model, processor, batch["image"], batch["question"], greedy=True,
                        max_new_tokens=max_new_tokens)
-        for text, ref, qtype, length, image in zip(out["texts"], batch["response"], batch["question_type"],
-                                                   out["completion_mask"].sum(1).tolist(), batch["image"]):
-            scores.append(dict(reward.score(text, ref, qtype, frame=image.size), length=float(length)))
+        for text, ref, qtype, length, image in zip(out["texts"], batch["response"],
+                                                   batch["question_type"],
+                                                   out["completion_mask"].sum(1).tolist(),
+                                                   batch["image"]):
+            scores.append(dict(reward.score(text, ref, qtype, image_size=image.size),
+                               length=float(length)))
             texts.append(text)
     return scores, texts
 
@@ -112,34 +118,39 @@ def greedy_means(model, processor, rows, max_new_tokens):
     one example completion.
     max_new_tokens: sized from the data (model.completion_budget), or real traces are cut off."""
     scores, texts = greedy_scores(model, processor, rows, max_new_tokens=max_new_tokens)
-    return {k: sum(s[k] for s in scores) / len(scores) for k in (*reward.REWARDS, "length")}, texts[0]
+    return {k: sum(s[k] for s in scores) / len(scores)
+            for k in (*reward.REWARDS, "length")}, texts[0]
 
 
 def run_checkpoint(path, cfg, device, rows=None):
     """Load a checkpoint and score it -> (per-sample records keyed like METRICS, texts, rows).
     The rows are loaded with the first checkpoint, at the frame its processor gives images."""
-    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}.get(cfg.dtype) or run.pick_device(str(device))[1]
+    dtype = ({"float32": torch.float32, "bfloat16": torch.bfloat16}.get(cfg.dtype)
+             or run.pick_device(str(device))[1])
     model, processor = M.load(path, device, dtype)
     if rows is None:
         frame = M.image_frame(processor, data.GEMEX_FRAME)
         rows = data.load(cfg.split, cfg.n, cfg, frame)[:]  # dict of lists
         if not rows["question"]:
             others = " or ".join(f"--split {s}" for s in SPLITS if s != cfg.split)
-            raise SystemExit(f"evaluate.py: the {cfg.split} split of {cfg.data_path} is empty; evaluate {others}")
+            raise SystemExit(f"evaluate.py: the {cfg.split} split of {cfg.data_path} is empty; "
+                             f"evaluate {others}")
         if not cfg.max_new_tokens:
             cfg.max_new_tokens = M.completion_budget(processor, rows["response"])
     scores, texts = greedy_scores(model, processor, rows, cfg.batch_size, cfg.max_new_tokens)
     records = []
-    for s, text, ref, q, qt in zip(scores, texts, rows["response"], rows["question"], rows["question_type"]):
+    for s, text, ref, q, qt in zip(scores, texts, rows["response"], rows["question"],
+                                   rows["question_type"]):
         n_boxes, n_ref = len(reward.parse(text).boxes), len(reward.parse(ref).boxes)
         records.append({"format_rate": s["format"], "accuracy": s["answer"], "mean_iou": s["iou"],
                         "iou50_rate": float(s["iou"] >= 0.5), "grounding_rate": s["grounding"],
-                        "consistency_rate": consistency(text, q, qt), "count_rate": float(n_boxes == n_ref),
+                        "consistency_rate": consistency(text, q, qt),
+                        "count_rate": float(n_boxes == n_ref),
                         "n_boxes": float(n_boxes), "mean_length": s["length"], "question_type": qt})
     return records, texts, rows
 
 
-# ----------------------------------------------------------------------------- consistency: does the answer follow from the reasoning?
+# ------------------------------------------ consistency: does the answer follow from the reasoning?
 def stated_findings(think):
     """What a reasoning text says about each region it names: {region: finding, or NO_FINDING if it
     calls the region clear}. Reads the sentences data.describe writes (and a model imitates)."""
@@ -157,11 +168,13 @@ def implied_answer(question, think):
     the same completion gives: does the answer follow from the model's own grounded reasoning?"""
     said = stated_findings(think)
     opts = dict(re.findall(r"([A-D])\. ((?:(?! [A-D]\. )[^?])+)", question))
-    letter = lambda pick: ", ".join(l for l, o in sorted(opts.items()) if pick(o.strip())) or None  # noqa: E731
-    asked = ("cardiomegaly", "cardiac silhouette") if question == "Is the cardiac silhouette enlarged?" else None
+    def letter(pick):
+        return ", ".join(k for k, o in sorted(opts.items()) if pick(o.strip())) or None
+    asked = (("cardiomegaly", "cardiac silhouette")
+             if question == "Is the cardiac silhouette enlarged?" else None)
     if m := re.fullmatch(r"Is there (?:a |an )?(.+) in the (.+)\?", question):
         asked = next((k for k, a in data.ARTICLE.items() if a == m[1] or k == m[1]), m[1]), m[2]
-    if asked:                                         # yes/no: is that finding stated for that region?
+    if asked:  # yes/no: is that finding stated for that region?
         kind, region = asked
         return None if region not in said else "yes" if said[region] == kind else "no"
     if m := re.match(r"Where is the (.+)\?$", question):
@@ -181,7 +194,7 @@ def implied_answer(question, think):
 
 
 def consistency(completion, question, question_type):
-    """1.0 when the completion's answer is the one its own reasoning implies (see the module doc)."""
+    """1.0 when the completion's answer is the one its own reasoning implies (see module doc)."""
     p = reward.parse(completion)
     implied = implied_answer(question, p.think)
     return reward.answer_correct(p.answer, implied, question_type) if implied is not None else 0.0
@@ -192,7 +205,8 @@ def summarise(path, records):
     out = {"checkpoint": path, "n": len(records)}
     for m in METRICS:
         out[m] = float(np.mean([r[m] for r in records]))
-    out["accuracy_by_type"] = {t: float(np.mean([r["accuracy"] for r in records if r["question_type"] == t] or [0.0]))
+    out["accuracy_by_type"] = {t: float(np.mean([r["accuracy"] for r in records
+                                                 if r["question_type"] == t] or [0.0]))
                                for t in data.QUESTION_TYPES}
     return out
 
@@ -202,12 +216,14 @@ def paired_bootstrap(a, b, n_boot, seed=0):
     diff = np.asarray(b) - np.asarray(a)
     idx = np.random.default_rng(seed).integers(0, len(diff), size=(n_boot, len(diff)))
     boots = diff[idx].mean(1)
-    return {"diff": float(diff.mean()), "lo": float(np.percentile(boots, 2.5)), "hi": float(np.percentile(boots, 97.5))}
+    return {"diff": float(diff.mean()), "lo": float(np.percentile(boots, 2.5)),
+            "hi": float(np.percentile(boots, 97.5))}
 
 
 # t(0.975) with 1..30 degrees of freedom: the 95% interval of a mean over a few seeds
-T975 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
-        2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042]
+T975 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228,
+        2.201, 2.179, 2.160, 2.145, 2.131, 2.120, 2.110, 2.101, 2.093, 2.086,
+        2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042]
 
 
 def seed_interval(deltas):
@@ -237,9 +253,11 @@ def majority_baseline(rows):
     the 'chance level' a trained model must beat."""
     out = {}
     for t in data.QUESTION_TYPES:
-        answers = [reward.parse(r).answer for r, q in zip(rows["response"], rows["question_type"]) if q == t]
+        answers = [reward.parse(r).answer for r, q in zip(rows["response"], rows["question_type"])
+                   if q == t]
         best = max(set(answers), key=answers.count) if answers else ""
-        out[t] = float(np.mean([reward.answer_correct(best, a, t) for a in answers])) if answers else 0.0
+        out[t] = (float(np.mean([reward.answer_correct(best, a, t) for a in answers])) if answers
+                  else 0.0)
     return out
 
 
@@ -250,24 +268,32 @@ def write_predictions(path, checkpoints, records, texts, rows):
     with open(path, "w") as f:
         for c, recs, outs in zip(checkpoints, records, texts):
             for i, (r, text) in enumerate(zip(recs, outs)):
-                f.write(json.dumps({"checkpoint": c, "image_path": rows["image_path"][i], "question": rows["question"][i],
-                                    "question_type": rows["question_type"][i], "reference": rows["response"][i],
-                                    "completion": text, "format": r["format_rate"], "answer": r["accuracy"],
+                f.write(json.dumps({"checkpoint": c, "image_path": rows["image_path"][i],
+                                    "question": rows["question"][i],
+                                    "question_type": rows["question_type"][i],
+                                    "reference": rows["response"][i],
+                                    "completion": text, "format": r["format_rate"],
+                                    "answer": r["accuracy"],
                                     "grounding": r["grounding_rate"], "iou": r["mean_iou"],
-                                    "consistency": r["consistency_rate"], "length": r["mean_length"]}) + "\n")
+                                    "consistency": r["consistency_rate"],
+                                    "length": r["mean_length"]}) + "\n")
     print(f"wrote {path}: {sum(map(len, records))} predictions")
 
 
 def print_table(summaries, baseline, ref_boxes):
     short = {t: t.split("_")[0] for t in data.QUESTION_TYPES}
     cols = METRICS + [f"acc_{short[t]}" for t in data.QUESTION_TYPES]
-    heads = [c.replace("_rate", "").replace("mean_", "").replace("consistency", "consist.").replace("accuracy", "acc")
-             for c in cols]
+    heads = []
+    for c in cols:
+        for long, short in (("_rate", ""), ("mean_", ""), ("consistency", "consist."),
+                            ("accuracy", "acc")):
+            c = c.replace(long, short)
+        heads.append(c)
     print(f"{'checkpoint':<28}" + "".join(f"{c:>11}" for c in heads))
     for s in summaries:
         vals = [s[m] for m in METRICS] + [s["accuracy_by_type"][t] for t in data.QUESTION_TYPES]
-        print(f"{s['checkpoint'][-28:]:<28}" + "".join(f"{v:>11.3f}" if c not in UNBOUNDED else f"{v:>11.2f}"
-                                                        for c, v in zip(cols, vals)))
+        cells = [f"{v:>11.2f}" if c in UNBOUNDED else f"{v:>11.3f}" for c, v in zip(cols, vals)]
+        print(f"{s['checkpoint'][-28:]:<28}" + "".join(cells))
     print(f"{'majority-answer baseline':<28}" + " " * 11 * len(METRICS) +
           "".join(f"{baseline[t]:>11.3f}" for t in data.QUESTION_TYPES))
     print(f"{'reference':<28}" + " " * 11 * METRICS.index("n_boxes") + f"{ref_boxes:>11.2f}")
@@ -279,18 +305,21 @@ def paired_metrics(a, b, n_boot):
     for t in data.QUESTION_TYPES:
         keep = [i for i, x in enumerate(a) if x["question_type"] == t]
         if keep:
-            out[f"acc_{t.split('_')[0]}"] = paired_bootstrap([a[i]["accuracy"] for i in keep],
-                                                             [b[i]["accuracy"] for i in keep], n_boot)
+            acc_a, acc_b = [a[i]["accuracy"] for i in keep], [b[i]["accuracy"] for i in keep]
+            out[f"acc_{t.split('_')[0]}"] = paired_bootstrap(acc_a, acc_b, n_boot)
     return out
 
 
 def print_seeds(pairs, per_seed, mean):
-    """One row per metric: each seed's paired difference, then the mean over seeds [95% t interval]."""
+    """One row per metric: each seed's paired difference, then their mean [95% t interval]."""
     print(f"\nover {len(pairs)} seeds, " + ", ".join(f"{b} minus {a}" for a, b in pairs))
-    print(f"{'':<16}" + "".join(f"{f'seed {i}':>21}" for i in range(len(pairs))) + f"{'mean over seeds':>26}")
+    seeds = "".join(f"{f'seed {i}':>21}" for i in range(len(pairs)))
+    print(f"{'':<16}{seeds}{'mean over seeds':>26}")
     for m, v in mean.items():
-        cells = "".join(f"{p[m]['diff']:>+9.3f} [{p[m]['lo']:+.2f},{p[m]['hi']:+.2f}]" for p in per_seed)
-        print(f"{m:<16}{cells}   {v['diff']:+.3f} [{v['lo']:+.3f}, {v['hi']:+.3f}]  {verdict(m, v)}")
+        cells = "".join(f"{p[m]['diff']:>+9.3f} [{p[m]['lo']:+.2f},{p[m]['hi']:+.2f}]"
+                        for p in per_seed)
+        interval = f"{v['diff']:+.3f} [{v['lo']:+.3f}, {v['hi']:+.3f}]"
+        print(f"{m:<16}{cells}   {interval}  {verdict(m, v)}")
 
 
 def gallery(path, rows, names, all_texts, k=4, per_row=2):
@@ -312,7 +341,8 @@ def gallery(path, rows, names, all_texts, k=4, per_row=2):
             colours = ["#30d030"] * len(ref.boxes) + ["#ff3030"] * (len(boxes) - len(ref.boxes))
             x, y = (i % per_row) * cell_w, top + 20 + (i // per_row) * cell_h
             sheet.paste(data.draw_boxes(rows["image"][i], boxes, colours, scale), (x, y))
-            lines = textwrap.wrap("Q: " + rows["question"][i], 68) + [""] + textwrap.wrap("model: " + texts[i], 68)
+            lines = (textwrap.wrap("Q: " + rows["question"][i], 68) + [""]
+                     + textwrap.wrap("model: " + texts[i], 68))
             lines += ["", f"reference answer: {ref.answer}"]
             d.multiline_text((x + tile + 8, y + 4), "\n".join(lines[:24]), fill="black")
     sheet.save(path)
@@ -323,7 +353,8 @@ def curves(path, checkpoints, smooth=10):
     """Training curves from each checkpoint's metrics.jsonl, the runs side by side: the GRPO
     reward (a `smooth`-step moving mean: one step's reward is 64 noisy samples), then the
     held-out greedy accuracy and grounding rate at every periodic validation (sft.py, grpo.py)."""
-    panels = [("reward", f"GRPO reward, {smooth}-step mean"), ("val_answer", "held-out accuracy (greedy)"),
+    panels = [("reward", f"GRPO reward, {smooth}-step mean"),
+              ("val_answer", "held-out accuracy (greedy)"),
               ("val_grounding", "held-out grounding rate (greedy)")]
     fig, axes = plt.subplots(1, 3, figsize=(15, 4))
     for c in checkpoints:
@@ -334,7 +365,7 @@ def curves(path, checkpoints, smooth=10):
         recs = [json.loads(line) for line in open(log)]
         for ax, (key, _) in zip(axes, panels):
             pts = [(r["step"], r[key]) for r in recs if key in r]
-            if key == "reward" and len(pts) >= smooth:       # moving mean, plotted at the window's end
+            if key == "reward" and len(pts) >= smooth:  # moving mean, plotted at the window's end
                 ys = np.convolve([y for _, y in pts], np.ones(smooth) / smooth, mode="valid")
                 pts = list(zip([x for x, _ in pts][smooth - 1:], ys))
             if pts:
@@ -361,7 +392,8 @@ def main(cfg, checkpoints, against=()):
     for c in names:                     # the same rows for every checkpoint: paired comparisons
         records[c], texts[c], rows = run_checkpoint(c, cfg, device, rows)
     summaries = [summarise(c, records[c]) for c in names]
-    print_table(summaries, majority_baseline(rows), np.mean([len(reward.parse(r).boxes) for r in rows["response"]]))
+    print_table(summaries, majority_baseline(rows),
+                np.mean([len(reward.parse(r).boxes) for r in rows["response"]]))
     result = summaries[0] if len(summaries) == 1 else {"checkpoints": summaries}
     if against:                         # seed i of one pipeline against seed i of the other
         pairs = list(zip(checkpoints, against))
@@ -376,11 +408,13 @@ def main(cfg, checkpoints, against=()):
             result["paired"].append({"checkpoint": c, "baseline": names[0], "metrics": diffs})
             print(f"\n{c} minus {names[0]} (95% paired bootstrap interval):")
             for m, v in diffs.items():
-                print(f"  {m:<16} {v['diff']:+8.3f}  [{v['lo']:+.3f}, {v['hi']:+.3f}]  {verdict(m, v)}")
+                print(f"  {m:<16} {v['diff']:+8.3f}  [{v['lo']:+.3f}, {v['hi']:+.3f}]  "
+                      f"{verdict(m, v)}")
     if cfg.predictions:
-        write_predictions(cfg.predictions, names, [records[c] for c in names], [texts[c] for c in names], rows)
-        rollouts.write_best_and_worst(os.path.splitext(cfg.predictions)[0] + ".html", rows, texts[names[-1]],
-                                      names[-1])
+        write_predictions(cfg.predictions, names, [records[c] for c in names],
+                          [texts[c] for c in names], rows)
+        rollouts.write_best_and_worst(os.path.splitext(cfg.predictions)[0] + ".html", rows,
+                                      texts[names[-1]], names[-1])
     if cfg.json:
         json.dump(result, open(cfg.json, "w"), indent=2)
         print(f"wrote {cfg.json}")

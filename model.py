@@ -1,14 +1,14 @@
-"""model.py -- one loader for the tiny offline Qwen2.5-VL and for real Qwen2(.5)-VL checkpoints,
+"""model.py -- one loader for Qwen2(.5)-VL checkpoints (the shipped tiny base and real ones alike),
 plus the two operations every training stage needs: batched sampling and per-token log-probs.
 
-    model, processor = load("tiny")                             # random init, built here, offline
-    model, processor = load("Qwen/Qwen2.5-VL-3B-Instruct")      # or any local checkpoint directory
+    model, processor = load("tiny-qwen2.5-vl-cxr")           # the tiny base (pretrain.py made it)
+    model, processor = load("Qwen/Qwen2.5-VL-3B-Instruct")  # or any local checkpoint directory
 
-The tiny model is the real architecture (transformers' Qwen2_5_VLForConditionalGeneration: a ViT
-with 2-D rotary positions and a patch merger, feeding a Qwen2 decoder with 3-D "M-RoPE") at about
-2M parameters, and its tokenizer is a byte-level BPE trained here on the synthetic text. It is
-wrapped in the real Qwen2.5-VL processor, so each image becomes the right number of
-<|image_pad|> tokens exactly as for the 3B model.
+Nothing here builds a model from a config: pretrain.py does, once. The tiny base is the real
+architecture (transformers' Qwen2_5_VLForConditionalGeneration: a ViT with 2-D rotary positions
+and a patch merger, feeding a Qwen2 decoder with 3-D "M-RoPE") at about 2M parameters, wrapped in
+the real Qwen2.5-VL processor, so each image becomes the right number of <|image_pad|> tokens
+exactly as for the 3B model.
 
 Known traps in transformers 5.x, handled once, here:
   * Qwen2_5_VLProcessor insists on a video processor, which needs torchvision (no CPU wheel):
@@ -20,19 +20,19 @@ Known traps in transformers 5.x, handled once, here:
   * bos/eos/pad ids belong on the config *and* the generation config, or generate() guesses
     (sample() below reads only the end ids from it; tests compare it with generate()).
 """
-import functools
 import math
 import os
 
 import torch
 import torch.utils.checkpoint
-from transformers import (AutoConfig, GenerationConfig, PreTrainedTokenizerFast, Qwen2_5_VLConfig,
-                          Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor,
+from transformers import (AutoConfig, Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor,
                           Qwen2VLForConditionalGeneration)
-from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil, smart_resize
+from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
 
-SYSTEM_PROMPT = "Reason in <think> naming each region you check with its box, then answer in <answer>."
-VISION_TOKENS = ["<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]  # never in a completion
+SYSTEM_PROMPT = ("Reason in <think> naming each region you check with its box, "
+                 "then answer in <answer>.")
+# never in a completion
+VISION_TOKENS = ["<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]
 SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", *VISION_TOKENS]
 TAGS = ["<think>", "</think>", "<answer>", "</answer>"]  # plain added tokens: they survive decoding
 CHAT_TEMPLATE = (  # Qwen's ChatML, reduced to what we use: text and image parts
@@ -42,17 +42,6 @@ CHAT_TEMPLATE = (  # Qwen's ChatML, reduced to what we use: text and image parts
     "{% else %}{{ c['text'] }}{% endif %}{% endfor %}{% endif %}<|im_end|>\n{% endfor %}"
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 
-# The tiny model. Text: head_dim = 128 / 4 = 32, so mrope_section (temporal, height, width
-# frequency pairs) must sum to 16. Vision: 14-px patches, 2x2 merged, so a 112-px image is an
-# 8x8 patch grid and 16 image tokens.
-TINY_TEXT = dict(hidden_size=128, intermediate_size=384, num_hidden_layers=4, num_attention_heads=4,
-                 num_key_value_heads=2, max_position_embeddings=1024, rms_norm_eps=1e-6,
-                 rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [4, 6, 6]})
-TINY_VISION = dict(depth=3, hidden_size=128, intermediate_size=256, num_heads=4, patch_size=14,
-                   spatial_merge_size=2, temporal_patch_size=2, window_size=112, fullatt_block_indexes=[2])
-TINY_PIXELS = 112 * 112  # the image processor resizes every image to this budget: 16 tokens
-
-
 class ImageOnlyProcessor(Qwen2_5_VLProcessor):
     """The real Qwen2.5-VL processor without its video processor (which requires torchvision).
     Its __init__ signature defines which sub-processors ProcessorMixin loads and checks."""
@@ -61,95 +50,51 @@ class ImageOnlyProcessor(Qwen2_5_VLProcessor):
         super().__init__(image_processor, tokenizer, None, chat_template=chat_template)
 
 
-# ----------------------------------------------------------------------------- building and loading
-@functools.lru_cache(maxsize=1)
-def build_tiny_tokenizer(vocab_size=1024, n_texts=800):
-    """A byte-level BPE trained on synthetic questions and traces. Digits are split one per token
-    (as Qwen's tokenizer does), so any box coordinate is spelt from the same ten symbols."""
-    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
-    import data
-    texts = [SYSTEM_PROMPT]
-    for i in range(n_texts):
-        s = data.make_sample("train", i)
-        texts += [s["question"], s["response"]]
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
-                                                 pre_tokenizers.ByteLevel(add_prefix_space=False)])
-    tok.decoder = decoders.ByteLevel()
-    tok.train_from_iterator(texts, trainers.BpeTrainer(
-        vocab_size=vocab_size, special_tokens=SPECIAL, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False))
-    tok.add_tokens(TAGS)
-    # each anatomical region name is ONE token (with and without a space before it): sequences get
-    # ~15% shorter, and finding an option's letter in the question is matching one token, not
-    # four ("left" "upper" "lung" "zone"). Single runs: single-choice 0.40 -> 0.48-0.50 (README)
-    tok.add_tokens([AddedToken(w, normalized=False) for r in data.REGIONS for w in (" " + r, r)])
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=None, eos_token="<|im_end|>",
-                                   pad_token="<|endoftext|>", padding_side="left")
-
-
-def token_ids(tokenizer):
-    """The special-token ids a Qwen2.5-VL config needs, read from `tokenizer`: (ids for the text
-    config and the GenerationConfig, ids for the top-level config)."""
-    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL}
-    text = dict(bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"])
-    vision = dict(image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
-                  vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"])
-    return text, vision
-
-
-def build_tiny(seed=0):
-    """Random-init tiny Qwen2.5-VL and its processor, entirely offline."""
-    tokenizer = build_tiny_tokenizer()
-    text_ids, vision_ids = token_ids(tokenizer)
-    config = Qwen2_5_VLConfig(
-        text_config=dict(TINY_TEXT, vocab_size=len(tokenizer), **text_ids),
-        vision_config=dict(TINY_VISION, out_hidden_size=TINY_TEXT["hidden_size"]),
-        **vision_ids, tie_word_embeddings=True)
-    torch.manual_seed(seed)
-    model = Qwen2_5_VLForConditionalGeneration(config)
-    model.generation_config = GenerationConfig(**text_ids)
-    image_processor = Qwen2VLImageProcessorPil(
-        patch_size=14, merge_size=2, temporal_patch_size=2, min_pixels=TINY_PIXELS, max_pixels=TINY_PIXELS)
-    return model, ImageOnlyProcessor(image_processor, tokenizer, chat_template=CHAT_TEMPLATE)
-
-
-def load(name_or_path="tiny", device="cpu", dtype=torch.float32, seed=0):
-    """`tiny` builds the offline model; anything else is a Hub id or a directory holding a
-    Qwen2.5-VL or Qwen2-VL checkpoint (including ones this project saved). No remote code.
-    A path that is not such a checkpoint exits with one line naming it, not a library traceback."""
-    if name_or_path == "tiny":
-        model, processor = build_tiny(seed)
-        return model.to(device=device, dtype=dtype), processor
-    looks_local = os.path.sep in name_or_path or name_or_path.startswith(".") or os.path.exists(name_or_path)
+# ----------------------------------------------------------------------------- loading
+def load(name_or_path, device="cpu", dtype=torch.float32):
+    """A Hub id or a directory holding a Qwen2.5-VL or Qwen2-VL checkpoint (the shipped tiny base,
+    one this project saved, a real one). No remote code. A relative path is also looked for next
+    to this file, so the default base loads from anywhere. A path that is not such a checkpoint
+    exits with one line naming it, not a library traceback."""
+    here = os.path.join(os.path.dirname(os.path.abspath(__file__)), name_or_path)
+    if not os.path.exists(name_or_path) and not os.path.isabs(name_or_path) and os.path.isdir(here):
+        name_or_path = here
+    looks_local = (os.path.sep in name_or_path or name_or_path.startswith(".")
+                   or os.path.exists(name_or_path))
     if looks_local and not os.path.isfile(os.path.join(name_or_path, "config.json")):
-        why = "does not exist" if not os.path.exists(name_or_path) else "has no config.json: not a model checkpoint"
+        why = ("does not exist" if not os.path.exists(name_or_path)
+               else "has no config.json: not a model checkpoint")
         raise SystemExit(f"checkpoint {name_or_path}: {why}")
     try:
         kind = AutoConfig.from_pretrained(name_or_path).model_type
     except (OSError, ValueError) as e:   # offline Hub id, unreadable or foreign config.json
-        raise SystemExit(f"checkpoint {name_or_path}: cannot read its config ({str(e).splitlines()[0][:160]})")
-    cls = {"qwen2_5_vl": Qwen2_5_VLForConditionalGeneration, "qwen2_vl": Qwen2VLForConditionalGeneration}.get(kind)
+        raise SystemExit(f"checkpoint {name_or_path}: cannot read its config "
+                         f"({str(e).splitlines()[0][:160]})")
+    cls = {"qwen2_5_vl": Qwen2_5_VLForConditionalGeneration,
+           "qwen2_vl": Qwen2VLForConditionalGeneration}.get(kind)
     if cls is None:
-        raise SystemExit(f"checkpoint {name_or_path}: model_type {kind!r} is not qwen2_5_vl or qwen2_vl")
+        raise SystemExit(f"checkpoint {name_or_path}: model_type {kind!r} is not qwen2_5_vl or "
+                         f"qwen2_vl")
     try:
         # straight onto the device in its dtype: a 7B checkpoint never exists in float32 on the CPU
         model = cls.from_pretrained(name_or_path, dtype=dtype, device_map=torch.device(device))
         processor = ImageOnlyProcessor.from_pretrained(name_or_path)
-    except (OSError, ValueError, RuntimeError) as e:   # missing/truncated weights, tokenizer files, ...
+    # missing/truncated weights, tokenizer files, ...
+    except (OSError, ValueError, RuntimeError) as e:
         raise SystemExit(f"checkpoint {name_or_path}: cannot load ({str(e).splitlines()[0][:160]})")
     processor.tokenizer.padding_side = "left"
-    assert processor.tokenizer.pad_token_id is not None, f"{name_or_path}: tokenizer has no pad token"
+    assert processor.tokenizer.pad_token_id is not None, f"{name_or_path}: no pad token"
     return model.to(device=device, dtype=dtype), processor
 
 
-# ----------------------------------------------------------------------------- prompts and completions
+# -------------------------------------------------------------------------- prompts and completions
 def image_frame(processor, side):
     """The side of the square image the model sees when handed a side x side image: Qwen's
     smart_resize rounds to whole 28-px merged patches within the pixel budget. Data is loaded
     at this frame, so boxes are written in the frame the model sees (224 -> 112 for tiny)."""
     ip = processor.image_processor
-    return smart_resize(side, side, ip.patch_size * ip.merge_size, ip.size["shortest_edge"], ip.size["longest_edge"])[0]
+    return smart_resize(side, side, ip.patch_size * ip.merge_size, ip.size["shortest_edge"],
+                        ip.size["longest_edge"])[0]
 
 
 def build_prompts(processor, images, questions):
@@ -167,17 +112,18 @@ def build_prompts(processor, images, questions):
     ip = processor.image_processor
     for im, (_, h, w) in zip(images, batch["image_grid_thw"].tolist()):
         assert (h * ip.patch_size, w * ip.patch_size) == (im.height, im.width), (
-            f"the processor resized a {im.width}x{im.height} image to {w * ip.patch_size}x{h * ip.patch_size}: "
-            f"its boxes would be in another frame (load data at the frame image_frame() gives)")
+            f"the processor resized a {im.width}x{im.height} image to "
+            f"{w * ip.patch_size}x{h * ip.patch_size}: its boxes would be in another frame (load "
+            f"data at the frame image_frame() gives)")
     merge = ip.merge_size ** 2
     n_tokens = int((batch["input_ids"] == processor.image_token_id).sum())
     n_features = int(batch["image_grid_thw"].prod(-1).sum()) // merge
-    assert n_tokens == n_features, f"{n_tokens} image tokens in the prompts but {n_features} image features"
+    assert n_tokens == n_features, f"{n_tokens} image tokens in the prompts, {n_features} features"
     return batch
 
 
 def end_ids(model):
-    """Token ids that end an assistant turn (Qwen: <|im_end|>, and <|endoftext|> on some configs)."""
+    """Token ids that end an assistant turn (Qwen: <|im_end|>, <|endoftext|> on some configs)."""
     eos = model.generation_config.eos_token_id
     return [eos] if isinstance(eos, int) else list(eos)
 
@@ -198,11 +144,12 @@ def completion_budget(processor, responses, floor=160, margin=1.25):
     responses' lengths in tokens, at least `floor`. The synthetic traces are ~50 tokens (budget
     160); the paper's are ~100 words with boxes, and a budget sized for ours would truncate them.
     Prints the percentiles it read, so a reader sees what the budget covers."""
-    lengths = sorted(len(ids) + 1 for ids in processor.tokenizer(list(responses), add_special_tokens=False)["input_ids"])
+    tokens = processor.tokenizer(list(responses), add_special_tokens=False)["input_ids"]
+    lengths = sorted(len(ids) + 1 for ids in tokens)
     pct = {p: lengths[min(len(lengths) - 1, int(p / 100 * len(lengths)))] for p in (50, 90, 99)}
     budget = max(floor, int(math.ceil(margin * pct[99])))
-    print(f"reference responses: {pct[50]} / {pct[90]} / {pct[99]} tokens at the 50/90/99th percentile "
-          f"(max {lengths[-1]}): generation budget {budget}")
+    print(f"reference responses: {pct[50]} / {pct[90]} / {pct[99]} tokens at the 50/90/99th "
+          f"percentile (max {lengths[-1]}): generation budget {budget}")
     return budget
 
 
@@ -239,16 +186,17 @@ def prefill(model, prompt):
     largest position so far, equal in all three dimensions: completion token t sits at next + t.
     """
     pos, _ = _core(model).get_rope_index(prompt["input_ids"], prompt["mm_token_type_ids"],
-                                         image_grid_thw=prompt["image_grid_thw"],
+                                         image_grid_thw=prompt.get("image_grid_thw"),  # text: None
                                          attention_mask=prompt["attention_mask"])      # [3, B, P]
     out = model(**prompt, position_ids=pos, use_cache=True, logits_to_keep=1)
-    return out.logits[:, -1], out.past_key_values, pos.amax(dim=(0, 2)) + 1           # [B, V], cache, [B]
+    return out.logits[:, -1], out.past_key_values, pos.amax(dim=(0, 2)) + 1  # [B, V], cache, [B]
 
 
 def _draw(logits, temperature, top_p):
-    """One token per row from softmax(logits / T), restricted to the top-p nucleus. [n, V] -> [n]."""
+    """One token per row from softmax(logits / T) within the top-p nucleus. [n, V] -> [n]."""
     logits = logits / temperature
-    if top_p < 1.0:   # drop the tail whose cumulative probability is below 1 - top_p (the top token always stays)
+    # drop the tail whose cumulative probability is below 1 - top_p (the top token always stays)
+    if top_p < 1.0:
         sorted_logits, order = logits.sort(-1)
         tail = sorted_logits.softmax(-1).cumsum(-1) <= 1 - top_p
         tail[:, -1] = False
@@ -267,7 +215,8 @@ def text_support(model, tokenizer):
     V = model.get_output_embeddings().weight.shape[0]
     ok = torch.zeros(V, dtype=torch.bool)
     ok[:min(len(tokenizer), V)] = True
-    special = {i for i, t in tokenizer.added_tokens_decoder.items() if t.special} | set(tokenizer.all_special_ids)
+    special = ({i for i, t in tokenizer.added_tokens_decoder.items() if t.special}
+               | set(tokenizer.all_special_ids))
     ok[[i for i in special - set(end_ids(model)) if i < V]] = False
     return ok
 
@@ -279,9 +228,9 @@ def sample(model, processor, images, questions, group_size=1, max_new_tokens=160
     loop over the B * G rows that drops each row once it has ended.
 
     B prompts -> N = B * G rows, prompt i's group in rows i*G .. i*G+G-1. Returns a dict:
-      prompt           BatchFeature of the B distinct left-padded prompts (the scoring forward reuses it)
+      prompt           BatchFeature of the B distinct left-padded prompts (scoring reuses it)
       group_size       G
-      completion_ids   [N, T] sampled tokens, pad after the end (T = longest completion in the batch)
+      completion_ids   [N, T] sampled tokens, pad after the end (T = the longest completion)
       completion_mask  [N, T] 1 up to and including the first end-of-turn token
       texts            N decoded completions (think/answer tags kept, end token dropped)
       truncated        [N] bool, True where no end-of-turn token was produced
@@ -290,20 +239,29 @@ def sample(model, processor, images, questions, group_size=1, max_new_tokens=160
     generation_config (Qwen2.5-VL ships repetition_penalty 1.05, top_k 1, top_p 0.001), and then
     the rollouts would come from another distribution than softmax(logits / T), the one scored.
     """
+    device = next(model.parameters()).device
+    prompt = build_prompts(processor, images, questions).to(device)                   # B prompts
+    return decode(model, processor, prompt, group_size, max_new_tokens, temperature, top_p,
+                  greedy)
+
+
+def decode(model, processor, prompt, group_size=1, max_new_tokens=160, temperature=1.0,
+           top_p=1.0, greedy=False):
+    """sample()'s decode loop from prompts already built and on the model's device (any chat
+    prompts: pretrain.py's card also decodes text-only ones) -> sample()'s dict."""
     device, tok = next(model.parameters()).device, processor.tokenizer
     end = torch.tensor(end_ids(model), device=device)
     support = text_support(model, tok)                                                # [V]
     banned = (~support).to(device)
-    prompt = build_prompts(processor, images, questions).to(device)                   # B prompts
     was_training = model.training
-    model.eval()      # with gradient checkpointing on, a training-mode forward would drop its KV cache
-    logits, cache, pos = prefill(model, prompt)                                        # [B, V], cache, [B]
-    G, N = group_size, len(images) * group_size
+    model.eval()  # with gradient checkpointing on, a training-mode forward would drop its KV cache
+    logits, cache, pos = prefill(model, prompt)  # [B, V], cache, [B]
+    G, N = group_size, len(prompt["input_ids"]) * group_size
     cache.batch_repeat_interleave(G)                                                   # B -> N rows
     logits, pos = logits.repeat_interleave(G, 0), pos.repeat_interleave(G)             # [N, V], [N]
     attention = prompt["attention_mask"].repeat_interleave(G, 0)                       # [N, P]
     ids = torch.full((N, max_new_tokens), tok.pad_token_id, dtype=torch.long, device=device)
-    alive = torch.arange(N, device=device)             # the rows still writing, in the cache's order
+    alive = torch.arange(N, device=device)  # the rows still writing, in the cache's order
     T = 0
     for t in range(max_new_tokens):
         logits = logits.masked_fill(banned, float("-inf"))
@@ -316,25 +274,28 @@ def sample(model, processor, images, questions, group_size=1, max_new_tokens=160
             keep = going.nonzero().squeeze(1)
             cache.batch_select_indices(keep)
             alive, attention, pos, nxt = alive[keep], attention[keep], pos[keep], nxt[keep]
-        attention = torch.cat([attention, attention.new_ones(len(alive), 1)], 1)     # [n, P + t + 1]
-        logits = model(input_ids=nxt[:, None], attention_mask=attention, past_key_values=cache, use_cache=True,
-                       position_ids=(pos + t).view(1, -1, 1).expand(3, -1, 1)).logits[:, -1]   # [n, V]
+        attention = torch.cat([attention, attention.new_ones(len(alive), 1)], 1)  # [n, P + t + 1]
+        logits = model(input_ids=nxt[:, None], attention_mask=attention, past_key_values=cache,
+                       use_cache=True, position_ids=(pos + t).view(1, -1, 1).expand(3, -1, 1)
+                       ).logits[:, -1]                                               # [n, V]
     model.train(was_training)
     ids = ids[:, :T]                                                                   # [N, T]
     mask = completion_mask(ids, end.tolist())                                          # [N, T]
-    texts = tok.batch_decode([row[: int(m.sum())] for row, m in zip(ids, mask)], skip_special_tokens=True)
-    return {"prompt": prompt, "group_size": G, "completion_ids": ids, "completion_mask": mask, "texts": texts,
-            "truncated": ~torch.isin(ids, end).any(1), "support": support}
+    texts = tok.batch_decode([row[: int(m.sum())] for row, m in zip(ids, mask)],
+                             skip_special_tokens=True)
+    return {"prompt": prompt, "group_size": G, "completion_ids": ids, "completion_mask": mask,
+            "texts": texts, "truncated": ~torch.isin(ids, end).any(1), "support": support}
 
 
 def _per_prompt(repeats, prompt):
     """repeats as a [B] tensor: an int means the same for every prompt."""
     B, device = prompt["input_ids"].shape[0], prompt["input_ids"].device
-    return torch.full((B,), repeats, device=device) if isinstance(repeats, int) else torch.as_tensor(repeats, device=device)
+    return (torch.full((B,), repeats, device=device) if isinstance(repeats, int)
+            else torch.as_tensor(repeats, device=device))
 
 
 def expand_prompt(prompt, repeats):
-    """B prompts -> N rows, prompt b repeated repeats[b] times (pixel_values by each image's patches)."""
+    """B prompts -> N rows, prompt b repeated repeats[b] times (pixel_values by image patches)."""
     repeats = _per_prompt(repeats, prompt)
     out = {k: v.repeat_interleave(repeats, 0) for k, v in prompt.items() if k != "pixel_values"}
     patches = prompt["image_grid_thw"].prod(-1)                                       # [B]
@@ -345,8 +306,8 @@ def expand_prompt(prompt, repeats):
     return out
 
 
-def completion_logprobs(model, prompt, completion_ids, completion_mask, entropy=False, temperature=1.0, repeats=1,
-                        support=None):
+def completion_logprobs(model, prompt, completion_ids, completion_mask, entropy=False,
+                        temperature=1.0, repeats=1, support=None):
     """log pi(y_t | image, prompt, y_<t) for every completion token: [N, T].
 
     `prompt` holds B distinct prompts; prompt b is followed by `repeats[b]` completions (an int:
@@ -358,31 +319,37 @@ def completion_logprobs(model, prompt, completion_ids, completion_mask, entropy=
     Logits at position P-1+t predict completion token t: the prefill's last logits predict token 0.
     Values past the end-of-turn token are meaningless: multiply by the mask before using them.
     entropy=True also returns each position's policy entropy in nats, [N, T], without a graph.
-    `temperature`: the policy is softmax(logits / T). GRPO samples at T = 0.7, so it must score
-    at T = 0.7 too, or the ratio, the KL and the gradient belong to another policy than the one
+    `temperature`: the policy is softmax(logits / T). GRPO samples at --temperature T, so it
+    must score at T too, or the ratio, the KL and the gradient belong to another policy than the one
     that wrote the completions (TRL and verl divide the same way). SFT and evaluation use T = 1.
     `support` [V] bool (sample()'s): the softmax is over those ids only, as in sampling.
     """
     T, repeats = completion_ids.shape[1], _per_prompt(repeats, prompt)
-    one_each = bool((repeats == 1).all())              # nothing shared: the prompt is already per row
-    per_row = getattr(model, "is_activation_checkpointing", False) or isinstance(model, torch.nn.parallel.DistributedDataParallel)
-    if per_row or one_each:                            # one forward over [prompt | completion] per row
+    one_each = bool((repeats == 1).all())  # nothing shared: the prompt is already per row
+    per_row = (getattr(model, "is_activation_checkpointing", False)
+               or isinstance(model, torch.nn.parallel.DistributedDataParallel))
+    if per_row or one_each:  # one forward over [prompt | completion] per row
         p = prompt if one_each else expand_prompt(prompt, repeats)
-        logits = model(input_ids=torch.cat([p["input_ids"], completion_ids], 1),                    # [N, P+T]
-                       attention_mask=torch.cat([p["attention_mask"], completion_mask.to(p["attention_mask"].dtype)], 1),
+        logits = model(input_ids=torch.cat([p["input_ids"], completion_ids], 1),  # [N, P+T]
+                       attention_mask=torch.cat([p["attention_mask"],
+                                                 completion_mask.to(p["attention_mask"].dtype)], 1),
                        # zeros (text) over the completion: the 3-D positions come out as in sampling
-                       mm_token_type_ids=torch.cat([p["mm_token_type_ids"], torch.zeros_like(completion_ids)], 1),
-                       pixel_values=p["pixel_values"], image_grid_thw=p["image_grid_thw"],
-                       logits_to_keep=T + 1, use_cache=False).logits[:, :-1]                       # [N, T, V]
+                       mm_token_type_ids=torch.cat([p["mm_token_type_ids"],
+                                                    torch.zeros_like(completion_ids)], 1),
+                       pixel_values=p.get("pixel_values"),                     # text only: None
+                       image_grid_thw=p.get("image_grid_thw"),
+                       logits_to_keep=T + 1, use_cache=False).logits[:, :-1]  # [N, T, V]
     else:                                              # shared prompts: prefill B, continue N
-        last, cache, pos = prefill(model, prompt)                                                  # [B, V], cache, [B]
-        cache.batch_repeat_interleave(repeats)                                                     # B -> N rows
-        pos = pos.repeat_interleave(repeats)[:, None] + torch.arange(T, device=pos.device)        # [N, T]
+        last, cache, pos = prefill(model, prompt)  # [B, V], cache, [B]
+        cache.batch_repeat_interleave(repeats)  # B -> N rows
+        pos = pos.repeat_interleave(repeats)[:, None] + torch.arange(T, device=pos.device)  # [N, T]
         attention = torch.cat([prompt["attention_mask"].repeat_interleave(repeats, 0),
-                               completion_mask.to(prompt["attention_mask"].dtype)], 1)            # [N, P+T]
+                               completion_mask.to(prompt["attention_mask"].dtype)], 1)  # [N, P+T]
         rest = model(input_ids=completion_ids, attention_mask=attention, past_key_values=cache,
-                     position_ids=pos.unsqueeze(0).expand(3, -1, -1), use_cache=True).logits     # [N, T, V]
-        logits = torch.cat([last.repeat_interleave(repeats, 0).unsqueeze(1), rest[:, :-1]], 1)    # [N, T, V]
+                     position_ids=pos.unsqueeze(0).expand(3, -1, -1), use_cache=True
+                     ).logits                                                      # [N, T, V]
+        first = last.repeat_interleave(repeats, 0).unsqueeze(1)                    # [N, 1, V]
+        logits = torch.cat([first, rest[:, :-1]], 1)                                # [N, T, V]
     # The logits stay in the model's dtype; each chunk of positions is made float32, scored and
     # dropped, and recomputed in backward (checkpoint): with a 152k vocabulary a float32 copy of
     # all of them is ~1.2 GiB per 8 x 256 tokens, and log_softmax would keep several.
@@ -393,14 +360,15 @@ def completion_logprobs(model, prompt, completion_ids, completion_mask, entropy=
     for t0 in range(0, T, LOGP_CHUNK):
         x, y = logits[:, t0:t0 + LOGP_CHUNK], completion_ids[:, t0:t0 + LOGP_CHUNK]
         if grad:
-            logp.append(torch.utils.checkpoint.checkpoint(_chunk_logprobs, x, y, temperature, off, use_reentrant=False))
+            logp.append(torch.utils.checkpoint.checkpoint(_chunk_logprobs, x, y, temperature, off,
+                                                          use_reentrant=False))
         else:
             logp.append(_chunk_logprobs(x, y, temperature, off))
         if entropy:
             with torch.no_grad():
-                z = _scaled(x, temperature, off)                                                   # [N, c, V]
-                ent.append(torch.logsumexp(z, -1) - (z.softmax(-1) * z).sum(-1))                   # H = lse - E[z]
-    logp = torch.cat(logp, 1)                                                                      # [N, T]
+                z = _scaled(x, temperature, off)  # [N, c, V]
+                ent.append(torch.logsumexp(z, -1) - (z.softmax(-1) * z).sum(-1))  # H = lse - E[z]
+    logp = torch.cat(logp, 1)  # [N, T]
     return (logp, torch.cat(ent, 1)) if entropy else logp
 
 
@@ -415,5 +383,5 @@ def _scaled(logits, temperature, off):
 
 def _chunk_logprobs(logits, ids, temperature, off):
     """log softmax(logits / T) at the chosen ids, as the chosen logit minus a logsumexp: [n, c]."""
-    z = _scaled(logits, temperature, off)                                                          # [n, c, V]
+    z = _scaled(logits, temperature, off)  # [n, c, V]
     return z.gather(-1, ids.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(z, -1)

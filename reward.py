@@ -3,16 +3,17 @@
 A ThinkVG response reasons in short sentences that name anatomical regions with boxes, then
 answers:
 
-    <think>The left lower lung zone [60, 70, 95, 95] shows a small round opacity.</think><answer>yes</answer>
+    <think>The left lower lung zone [60, 70, 95, 95] shows a small round
+    opacity.</think><answer>yes</answer>
 
 `parse` reads such text (model outputs and reference responses alike) and `score` compares a
 completion with its reference:
 
     format     1 if exactly one <think>...</think> then one <answer>...</answer>, nothing else
                around them, a non-empty answer, and at least one valid box in the reasoning
-    answer     1 if the answer is right by an exact check for its question type (the paper uses an
-               LLM judge; ours is verifiable): yes/no, a normalised region or finding name, one
-               letter, or a set of letters
+    answer     in [0, 1], checked for its question type (the paper uses an LLM judge; ours is
+               verifiable): closed: yes/no; single / multi choice: the letters standing alone;
+               open: graded, F1 over the findings both answers name (open_answer_score)
     grounding  the paper's rule (GEMeX-ThinkVG, Sec. 3.3): 1 if the number of predicted boxes
                equals the reference's and their mean IoU after matching exceeds 0.75, else 0
     iou        a dense version for a smoother signal: the optimal one-to-one matched IoU summed
@@ -36,16 +37,20 @@ from typing import NamedTuple
 # weigh half the answer's: their advantages move the same weights as the answer's, and at equal
 # weight they took back half of what the answer reward teaches (README, "Results").
 DEFAULT_WEIGHTS = {"format": 0.25, "answer": 1.0, "grounding": 0.5, "iou": 0.25}
-REWARDS = tuple(DEFAULT_WEIGHTS)          # ("format", "answer", "grounding", "iou"): every log and table uses these
-TEXT_REWARDS, BOX_REWARDS = ("format", "answer"), ("grounding", "iou")   # decided by text tokens / by box digits
+# ("format", "answer", "grounding", "iou"): every log and table uses these
+REWARDS = tuple(DEFAULT_WEIGHTS)
+# decided by text tokens / by box digits
+TEXT_REWARDS, BOX_REWARDS = ("format", "answer"), ("grounding", "iou")
 GROUNDING_IOU = 0.75   # the paper's threshold on the mean matched IoU
 MAX_BOXES = 32         # boxes beyond this are counted (they cost IoU) but never matched
 MAX_COORD = 10_000     # a coordinate above this is not a pixel of any image we use
 
-# A box: four numbers in brackets (data.py rewrites real boxes with it). Digits are bounded so int() never sees a 5,000-digit number.
+# A box: four numbers in brackets (data.py rewrites real boxes with it). Digits are bounded so int()
+# never sees a 5,000-digit number.
 _NUM = r"(-?\d{1,7}(?:\.\d{1,6})?)"
 BOX = re.compile(r"\[\s{0,3}" + r"\s{0,3},\s{0,3}".join([_NUM] * 4) + r"\s{0,3}\]")
-_STOP = {"the", "a", "an", "in", "of", "at", "on", "and", "with", "shows", "is", "are", "see", "seen"}
+_STOP = {"the", "a", "an", "in", "of", "at", "on", "and", "with", "shows", "is", "are", "see",
+         "seen"}
 _NONE = {"none", "no finding", "no findings", "no abnormality", "normal", "nothing", "no"}
 
 
@@ -53,15 +58,15 @@ _NONE = {"none", "no finding", "no findings", "no abnormality", "normal", "nothi
 class Parsed:
     think: str = ""                                  # reasoning text ("" if absent)
     answer: str = ""                                 # answer text, stripped ("" if absent)
-    boxes: list = field(default_factory=list)        # [(region name, [x1, y1, x2, y2]), ...] in order
+    boxes: list = field(default_factory=list)  # [(region name, [x1, y1, x2, y2]), ...] in order
     well_formed: bool = False                        # the strict format check (see module doc)
 
 
 # ----------------------------------------------------------------------------- parsing
-def parse(text, frame=None):
+def parse(text, image_size=None):
     """Read think, answer and boxes from any string. Tolerant: a missing <think> tag makes the
     text before <answer> the reasoning (how a reference may be written); `well_formed` is strict.
-    With `frame` (w, h), boxes must lie inside it to count as valid for the format check."""
+    With `image_size` (w, h), a box must lie inside the image to count as valid for the format."""
     if not isinstance(text, str):
         return Parsed()
     (s0, s1), (t0, t1, a0, a1) = _reasoning_span(text)
@@ -74,7 +79,7 @@ def parse(text, frame=None):
     counts = [text.count(tag) for tag in ("<think>", "</think>", "<answer>", "</answer>")]
     well_formed = (counts == [1, 1, 1, 1] and 0 <= t0 < t1 < a0 < a1 and not text[:t0].strip()
                    and not text[t1 + 8:a0].strip() and not text[a1 + 9:].strip() and bool(answer)
-                   and any(valid_box(b, frame) for _, b in boxes))
+                   and any(valid_box(b, image_size) for _, b in boxes))
     return Parsed(think.strip(), answer, boxes, well_formed)
 
 
@@ -85,7 +90,8 @@ def _reasoning_span(text):
     a1 = text.find("</answer>", a0 + 1) if a0 >= 0 else -1
     if 0 <= t0 < t1:
         return (t0 + 7, t1), (t0, t1, a0, a1)
-    return (0, a0 if a0 >= 0 else len(text)), (t0, t1, a0, a1)   # no think span: all before the answer
+    # no think span: all before the answer
+    return (0, a0 if a0 >= 0 else len(text)), (t0, t1, a0, a1)
 
 
 def _region_before(text, end, raw=False):
@@ -105,11 +111,12 @@ def _region_before(text, end, raw=False):
     return " ".join(w[0].lower() for w in reversed(kept))
 
 
-def valid_box(box, frame=None):
-    """Integer-valued, strictly ordered corners, non-negative, inside the frame if one is given."""
+def valid_box(box, image_size=None):
+    """Integer-valued, strictly ordered corners, non-negative, inside the image if sized."""
     x1, y1, x2, y2 = box
-    hi_x, hi_y = frame if frame else (MAX_COORD, MAX_COORD)
-    return (all(float(v).is_integer() for v in box) and 0 <= x1 < x2 <= hi_x and 0 <= y1 < y2 <= hi_y)
+    hi_x, hi_y = image_size if image_size else (MAX_COORD, MAX_COORD)
+    return (all(float(v).is_integer() for v in box) and 0 <= x1 < x2 <= hi_x
+            and 0 <= y1 < y2 <= hi_y)
 
 
 # ----------------------------------------------------------------------------- grounding
@@ -133,7 +140,8 @@ def match_boxes(pred, ref):
     falls back to greedy matching by IoU, which is exact whenever boxes barely overlap."""
     pred, R = pred[:MAX_BOXES], len(ref)
     if R > 8:
-        pairs = sorted(((iou(p, r), i, j) for i, p in enumerate(pred) for j, r in enumerate(ref)), reverse=True)
+        pairs = sorted(((iou(p, r), i, j) for i, p in enumerate(pred) for j, r in enumerate(ref)),
+                       reverse=True)
         used_p, used_r, total, out = set(), set(), 0.0, []
         for v, i, j in pairs:
             if v > 0 and i not in used_p and j not in used_r:
@@ -141,7 +149,7 @@ def match_boxes(pred, ref):
                 total += v
                 out.append((i, j))
         return total, out
-    best = {0: (0.0, ())}                                # {mask of used ref boxes: (best IoU sum, its pairs)}
+    best = {0: (0.0, ())}  # {mask of used ref boxes: (best IoU sum, its pairs)}
     for i, p in enumerate(pred):
         nxt = dict(best)
         for mask, (val, pairs) in best.items():
@@ -177,7 +185,7 @@ class Box(NamedTuple):
     """One box of a completion, as box_layout reads it. Character positions index the completion."""
     span: tuple      # (start, end) of the box with the region words before it
     numbers: list    # (start, end) of each of its four numbers
-    ref: int         # the reference box the reward pairs it with; None: unpaired (not in the reference)
+    paired: int      # index of the reference box the reward pairs it with; None: unpaired
     errors: list     # |pred_c - ref_c| in pixels for c = 0..3; None when unpaired
 
 
@@ -186,7 +194,7 @@ class BoxLayout:
     """Where a completion's boxes are and what the reward made of them (grpo.py's --credit coord).
     Character positions index the completion string."""
     boxes: list = field(default_factory=list)   # Box per reasoning box, in order of writing
-    ref: list = field(default_factory=list)     # the reference's boxes, [x1, y1, x2, y2] each
+    reference_boxes: list = field(default_factory=list)  # [x1, y1, x2, y2] each
     think_end: tuple = None                     # (start, end) of the </think> tag, or None
 
 
@@ -215,7 +223,7 @@ def box_layout(completion, reference):
 
 # ----------------------------------------------------------------------------- answers
 def normalise(text):
-    """Lowercase words only, no leading article: 'The Left lower-lung zone.' -> 'left lower lung zone'."""
+    """Lowercase words, no leading article: 'The Left lower-lung zone.' -> 'left lower lung zone'"""
     words = re.findall(r"[a-z0-9]+", text.lower())
     while words and words[0] in ("the", "a", "an"):
         words = words[1:]
@@ -231,11 +239,13 @@ def letters(text):
     bare = re.sub(r"\b(?:and|or|options?|answers?)\b", " ", text, flags=re.IGNORECASE)
     if (re.fullmatch(r"[A-Ha-h\s,;/&()\[\].:+'\"-]*", bare) and re.search(r"[A-Ha-h]", bare)
             and not re.search(r"[A-Za-z]{2}", bare)):
-        return sorted({c.upper() for c in re.findall(r"[A-Ha-h]", bare)})   # letters only: each counts
+        # letters only: each counts
+        return sorted({c.upper() for c in re.findall(r"[A-Ha-h]", bare)})
     found = set()
     for part in re.split(r"[,;/&]", bare[:2000]):
-        m = (re.match(r"\s*[(\['\"]*([A-H])(?:[.:)\]'\"]|\s|$)", part)      # opens the option: 'C: 1.2 cm'
-             or re.search(r"(?<![^\W\d_])([A-H])[\s.)\]'\"]*$", part))    # or ends the clause: 'is B.'
+        # a letter that opens the option ('C: 1.2 cm') or ends the clause ('is B.')
+        m = (re.match(r"\s*[(\['\"]*([A-H])(?:[.:)\]'\"]|\s|$)", part)
+             or re.search(r"(?<![^\W\d_])([A-H])[\s.)\]'\"]*$", part))
         if m:
             found.add(m.group(1))
     return sorted(found)
@@ -243,21 +253,26 @@ def letters(text):
 
 # NegEx-style negation (Chapman et al. 2001): a cue before a finding, within a few words of the same
 # clause, or a cue after it ("... is absent"), makes the finding absent.
-_NEG_BEFORE = re.compile(r"\b(?:no|not|without|negative for|free of|absence of|no evidence of|no signs? of|"
-                         r"resolved|resolution of|rules? out|ruled out|clear of)\b")
-_NEG_AFTER = re.compile(r"^\W*(?:\w+\W+){0,3}?(?:is |are |was |were |has |have )?(?:absent|not (?:seen|present|identified|"
-                        r"visualized)|resolved|ruled out|excluded)\b")
+_NEG_BEFORE = re.compile(r"\b(?:no|not|without|negative for|free of|absence of|no evidence of|no "
+                         r"signs? of|resolved|resolution of|rules? out|ruled out|clear of)\b")
+_NEG_AFTER = re.compile(r"^\W*(?:\w+\W+){0,3}?(?:is |are |was |were |has |have )?(?:absent|not "
+                        r"(?:seen|present|identified|visualized)|resolved|ruled out|excluded)\b")
 _CLAUSE = re.compile(r"[.;]|\bbut\b|\bhowever\b|\bexcept\b|\bwith\b")
-# CheXpert's observations (Irvin et al. 2019), finer where GEMeX answers are (nodule vs mass), and the
-# support devices GEMeX asks about, each with the synonyms a report uses. Longer phrases first.
+# CheXpert's observations (Irvin et al. 2019), finer where GEMeX answers are (nodule vs mass), and
+# the support devices GEMeX asks about, each with the synonyms a report uses. Longer phrases first.
 OBSERVATIONS = {
-    "cardiomegaly": r"cardiomegaly|(?:heart|cardiac silhouette|cardiac size|heart size)(?: is| appears)?(?: \w+)? (?:enlarged|increased)"
-                    r"|enlarged (?:heart|cardiac silhouette)|enlargement of the (?:heart|cardiac silhouette)|cardiac enlargement",
-    "normal heart": r"(?:heart|cardiac silhouette|heart size|cardiac size)(?: is| appears)? (?:normal|within normal limits|"
-                    r"not enlarged)|normal(?:[- ]sized)? (?:heart|cardiac silhouette|heart size|cardiac size)",
-    "pleural effusion": r"(?:pleural )?effusions?|pleural fluid|fluid blunting|blunting of the (?:\w+ )?costophrenic angles?",
+    "cardiomegaly": r"cardiomegaly|(?:heart|cardiac silhouette|cardiac size|heart size)(?: is| "
+                    r"appears)?(?: \w+)? (?:enlarged|increased)|enlarged (?:heart|cardiac "
+                    r"silhouette)|enlargement of the (?:heart|cardiac silhouette)|cardiac "
+                    r"enlargement",
+    "normal heart": r"(?:heart|cardiac silhouette|heart size|cardiac size)(?: is| appears)? "
+                    r"(?:normal|within normal limits|not enlarged)|normal(?:[- ]sized)? "
+                    r"(?:heart|cardiac silhouette|heart size|cardiac size)",
+    "pleural effusion": r"(?:pleural )?effusions?|pleural fluid|fluid blunting|blunting of the "
+                        r"(?:\w+ )?costophrenic angles?",
     "pneumothorax": r"pneumothora(?:x|ces)|ptx|dark rim without lung markings",
-    "consolidation": r"consolidations?|airspace (?:opacity|opacities|disease)|patchy airspace opacity",
+    "consolidation": r"consolidations?|airspace (?:opacity|opacities|disease)|patchy airspace "
+                     r"opacity",
     "pneumonia": r"pneumonias?|infectious process",
     "atelectasis": r"atelectasis|atelectatic|volume loss|collapse",
     "edema": r"(?:pulmonary )?o?edema|vascular congestion|fluid overload",
@@ -267,20 +282,25 @@ OBSERVATIONS = {
     "fracture": r"fractures?|broken ribs?",
     "widened mediastinum": r"(?:widened|enlarged|wide) mediastinum|mediastinal widening",
     "endotracheal tube": r"endotracheal tube|et tube|ett|breathing tube|intubat\w*",
-    "nasogastric tube": r"nasogastric tube|ng tube|orogastric tube|og tube|enteric tube|feeding tube|dobhoff(?: tube)?",
-    "central line": r"central (?:venous )?(?:line|catheter)|cvc|picc(?: line)?|(?:internal jugular|ij|subclavian) "
-                    r"(?:line|catheter)",
+    "nasogastric tube": r"nasogastric tube|ng tube|orogastric tube|og tube|enteric tube|feeding "
+                        r"tube|dobhoff(?: tube)?",
+    "central line": r"central (?:venous )?(?:line|catheter)|cvc|picc(?: line)?|(?:internal "
+                    r"jugular|ij|subclavian) (?:line|catheter)",
     "pacemaker": r"pacemaker|pacer|defibrillator|icd|pacing leads?|cardiac device",
     "chest tube": r"chest tubes?|pleural drain|pigtail catheter",
-    "no finding": r"no (?:acute )?(?:findings?|abnormalit(?:y|ies))|no acute (?:cardiopulmonary )?(?:process|disease)|"
-                  r"unremarkable|within normal limits|^normal$|^none$|^nothing$",
+    "no finding": r"no (?:acute )?(?:findings?|abnormalit(?:y|ies))|no acute (?:cardiopulmonary "
+                  r")?(?:process|disease)|unremarkable|within normal "
+                  r"limits|^normal$|^none$|^nothing$",
 }
 _OBS = re.compile("|".join(f"(?P<o{i}>{p})" for i, p in enumerate(OBSERVATIONS.values())))
-_REGION = re.compile(r"(?:(?:right|left|bilateral) )?(?:(?:upper|mid|middle|lower|apical) )?(?:lung zones?|lungs?|"
-                     r"hilar structures?|hil(?:um|a)|hemidiaphragms?|costophrenic angles?|clavicles?|apical zones?)|"
-                     r"cardiac silhouette|upper mediastinum|mediastinum|trachea|carina|aortic arch|cavoatrial junction|"
-                     r"svc|right atrium|stomach|abdomen|spine")
-_STOPWORDS = _STOP | {"there", "this", "that", "it", "be", "as", "to", "by", "which", "was", "were", "has", "have"}
+_REGION = re.compile(r"(?:(?:right|left|bilateral) )?(?:(?:upper|mid|middle|lower|apical) "
+                     r")?(?:lung zones?|lungs?|hilar "
+                     r"structures?|hil(?:um|a)|hemidiaphragms?|costophrenic "
+                     r"angles?|clavicles?|apical zones?)|cardiac silhouette|upper "
+                     r"mediastinum|mediastinum|trachea|carina|aortic arch|cavoatrial "
+                     r"junction|svc|right atrium|stomach|abdomen|spine")
+_STOPWORDS = _STOP | {"there", "this", "that", "it", "be", "as", "to", "by", "which", "was", "were",
+                      "has", "have"}
 
 
 def findings(text):
@@ -293,8 +313,9 @@ def findings(text):
         if obs == "normal heart":
             out.add(("cardiomegaly", False))
             continue
-        before = _CLAUSE.split(t[:m.start()])[-1].split()[-6:]               # this clause, at most 6 words back
-        negated = bool(_NEG_BEFORE.search(" ".join(before))) or bool(_NEG_AFTER.match(_CLAUSE.split(t[m.end():])[0]))
+        before = _CLAUSE.split(t[:m.start()])[-1].split()[-6:]  # this clause, at most 6 words back
+        negated = (bool(_NEG_BEFORE.search(" ".join(before)))
+                   or bool(_NEG_AFTER.match(_CLAUSE.split(t[m.end():])[0])))
         out.add((obs, obs == "no finding" or not negated))
     return out
 
@@ -331,15 +352,18 @@ def open_answer_score(pred, ref):
 
 # A hedge commits to neither answer: "It is not clear" must not read as "no" (its "not" is a
 # negation cue), nor "possibly an effusion" as "yes".
-_HEDGE = re.compile(r"\b(?:not (?:clear|sure|certain|possible to (?:tell|say|determine))|unclear|uncertain|unsure|"
-                    r"cannot (?:tell|say|be (?:determined|assessed|excluded|ruled out)|determine|assess|exclude)|"
-                    r"can ?not (?:tell|say)|can t (?:tell|say)|possibl[ey]|maybe|perhaps|equivocal|indeterminate|"
-                    r"questionable|difficult to (?:tell|say|determine|assess))\b")
+_HEDGE = re.compile(r"\b(?:not (?:clear|sure|certain|possible to (?:tell|say|determine))"
+                    r"|unclear|uncertain|unsure"
+                    r"|cannot (?:tell|say|be (?:determined|assessed|excluded|ruled out)"
+                    r"|determine|assess|exclude)"
+                    r"|can ?not (?:tell|say)|can t (?:tell|say)|possibl[ey]|maybe|perhaps"
+                    r"|equivocal|indeterminate|questionable"
+                    r"|difficult to (?:tell|say|determine|assess))\b")
 
 
 def yes_no(text):
-    """'yes' or 'no' from a closed answer: its first word, or in a sentence a NegEx cue ('There is no
-    pneumothorax.' -> no, 'A small effusion is present.' -> yes); '' when it says neither or
+    """'yes' or 'no' from a closed answer: its first word, or in a sentence a NegEx cue ('There is
+    no pneumothorax.' -> no, 'A small effusion is present.' -> yes); '' when it says neither or
     hedges ('It is not clear.', 'Possibly.', 'Cannot tell.')."""
     words = normalise(text).split()
     if not words or _HEDGE.search(" ".join(words)):
@@ -348,7 +372,9 @@ def yes_no(text):
         return words[0]
     if len(words) < 2:
         return ""
-    return "no" if _NEG_BEFORE.search(" ".join(words)) or re.search(r"\b(?:absent|none|normal)\b", " ".join(words)) else "yes"
+    said = " ".join(words)
+    negative = _NEG_BEFORE.search(said) or re.search(r"\b(?:absent|none|normal)\b", said)
+    return "no" if negative else "yes"
 
 
 def answer_correct(pred, ref, question_type):
@@ -369,13 +395,14 @@ def answer_correct(pred, ref, question_type):
 
 
 # ----------------------------------------------------------------------------- the reward
-def score(completion, reference, question_type, weights=None, frame=None):
+def score(completion, reference, question_type, weights=None, image_size=None):
     """Score one completion against its reference response. Every value is a float in [0, 1]."""
     w = {**DEFAULT_WEIGHTS, **(weights or {})}
-    pred, ref = parse(completion, frame), parse(reference)
+    pred, ref = parse(completion, image_size), parse(reference)
     out = {"format": float(pred.well_formed),
            "answer": answer_correct(pred.answer, ref.answer, question_type)}
-    out["grounding"], out["iou"] = grounding_scores([b for _, b in pred.boxes], [b for _, b in ref.boxes])
+    out["grounding"], out["iou"] = grounding_scores([b for _, b in pred.boxes],
+                                                    [b for _, b in ref.boxes])
     norm = sum(w[k] for k in REWARDS)
     out["total"] = sum(w[k] * out[k] for k in REWARDS) / norm if norm > 0 else 0.0
     return out

@@ -54,7 +54,8 @@ def prompt_record(image, question, question_type, reference, completions):
     std = (sum((t - mean) ** 2 for t in totals) / max(len(totals) - 1, 1)) ** 0.5
     for c in completions:
         c["boxes"] = [b for _, b in reward.parse(c["text"]).boxes if reward.valid_box(b)]
-    return {"image": png(image), "size": list(image.size), "question": question, "question_type": question_type,
+    return {"image": png(image), "size": list(image.size), "question": question,
+            "question_type": question_type,
             "reference": reference, "ref_boxes": [b for _, b in reward.parse(reference).boxes],
             "mean": mean, "std": std, "completions": completions}
 
@@ -69,10 +70,11 @@ def step_record(step, credit, roll, rows, scores, adv, lengths, pieces, k=3):
             n = int(lengths[i])
             ids = roll["completion_ids"][i, :n].tolist()
             a = adv[i, :n].tolist() if adv.dim() == 2 else [float(adv[i])] * n
-            completions.append({"text": roll["texts"][i], "tokens": [pieces[t] for t in ids], "advantages": a,
+            completions.append({"text": roll["texts"][i], "tokens": [pieces[t] for t in ids],
+                                "advantages": a,
                                 "rewards": scores[i], "truncated": bool(roll["truncated"][i])})
-        prompts.append(prompt_record(rows["image"][b], rows["question"][b], rows["question_type"][b],
-                                     rows["response"][b], completions))
+        prompts.append(prompt_record(rows["image"][b], rows["question"][b],
+                                     rows["question_type"][b], rows["response"][b], completions))
     totals = [s["total"] for s in scores]
     ties = [max(totals[g:g + G]) - min(totals[g:g + G]) < 1e-6 for g in range(0, len(totals), G)]
     return {"step": step, "credit": credit, "reward": sum(totals) / len(totals),
@@ -85,7 +87,8 @@ def film_svg(p, scale=3):
     w, h = p["size"]
     rects = [_rect(b, REF_COLOUR, "box ref", "reference", dash=True) for b in p["ref_boxes"]]
     for j, c in enumerate(p["completions"]):
-        rects += [_rect(b, COLOURS[j % len(COLOURS)], f"box c{j}", f"completion {j}") for b in c["boxes"]]
+        rects += [_rect(b, COLOURS[j % len(COLOURS)], f"box c{j}", f"completion {j}")
+                  for b in c["boxes"]]
     return (f'<svg class="film" width="{w * scale}" height="{h * scale}" viewBox="0 0 {w} {h}">'
             f'<image href="data:image/png;base64,{p["image"]}" width="{w}" height="{h}" '
             f'style="image-rendering:pixelated"/>{"".join(rects)}</svg>')
@@ -94,8 +97,8 @@ def film_svg(p, scale=3):
 def _rect(box, colour, cls, who, dash=False):
     x1, y1, x2, y2 = box
     dashes = ' stroke-dasharray="2"' if dash else ""
-    return (f'<rect class="{cls}" x="{x1}" y="{y1}" width="{x2 - x1}" height="{y2 - y1}" fill="none" '
-            f'stroke="{colour}" stroke-width="0.8"{dashes}>'
+    return (f'<rect class="{cls}" x="{x1}" y="{y1}" width="{x2 - x1}" height="{y2 - y1}" '
+            f'fill="none" stroke="{colour}" stroke-width="0.8"{dashes}>'
             f'<title>{who}: [{", ".join(str(int(v)) for v in box)}]</title></rect>')
 
 
@@ -113,31 +116,39 @@ def completion_html(j, c, scale):
     head = (f"#{j} total {r['total']:.3f} | {parts} | A mean {sum(adv) / max(len(adv), 1):+.3f}, "
             f"min {min(adv, default=0):+.3f}, max {max(adv, default=0):+.3f} | "
             f"{'TRUNCATED' if c['truncated'] else 'ended'}")
-    spans = "".join(f'<span class="t" title="A = {a:+.4f}" style="background:{shade(a, scale)}">{html.escape(t)}</span>'
+    spans = "".join(f'<span class="t" title="A = {a:+.4f}" '
+                    f'style="background:{shade(a, scale)}">{html.escape(t)}</span>'
                     for t, a in zip(c["tokens"], adv))
-    return (f'<div class="c" style="border-color:{COLOURS[j % len(COLOURS)]}"><div class="head">{html.escape(head)}'
-            f'</div><div class="text">{spans}</div></div>')
+    return (f'<div class="c" style="border-color:{COLOURS[j % len(COLOURS)]}"><div '
+            f'class="head">{html.escape(head)}</div><div class="text">{spans}</div></div>')
 
 
 def page(record, title, links=""):
     """The whole page of one record (a GRPO step, or evaluate.py's best and worst). The colour
     scale saturates at the 95th percentile of |A| on the page: the few largest advantages would
     otherwise wash every other token out."""
-    mags = sorted(abs(a) for p in record["prompts"] for c in p["completions"] for a in c["advantages"])
+    mags = sorted(abs(a) for p in record["prompts"] for c in p["completions"]
+                  for a in c["advantages"])
     scale = (mags[int(0.95 * (len(mags) - 1))] if mags else 0.0) or 1.0
     legend = "".join(f'<span style="background:{shade(v * scale, scale)}">{v * scale:+.2f}</span>'
                      for v in (-1, -0.5, -0.25, 0, 0.25, 0.5, 1))
-    out = [f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>{STYLE}</head><body>",
+    out = [f"<!doctype html><html><head><meta "
+           f"charset='utf-8'><title>{html.escape(title)}</title>{STYLE}</head><body>",
            f"<h2>{html.escape(title)}</h2>{links}",
-           f"<p class='legend'>advantage per token: {legend} <small class='muted'>(hover a token for its value)</small></p>",
+           f"<p class='legend'>advantage per token: {legend} <small class='muted'>(hover a token "
+           f"for its value)</small></p>",
            f"<p class='muted'>{html.escape(record.get('note', ''))}</p>"]
     for p in record["prompts"]:
-        tie = ' <span class="tie">all rewards tie: this group teaches nothing</span>' if p["std"] < 1e-6 else ""
+        tie = (' <span class="tie">all rewards tie: this group teaches nothing</span>'
+               if p["std"] < 1e-6 else "")
         out.append(f'<div class="prompt">{film_svg(p)}<div class="group">'
-                   f'<b>{html.escape(p["question"])}</b> <span class="muted">({p["question_type"]})</span><br>'
-                   f'<span class="muted">reference:</span> <span class="text">{html.escape(p["reference"])}</span><br>'
-                   f'group: mean {p["mean"]:.3f}, std {p["std"]:.3f}{tie}'
-                   + "".join(completion_html(j, c, scale) for j, c in enumerate(p["completions"])) + "</div></div>")
+                   f'<b>{html.escape(p["question"])}</b> <span '
+                   f'class="muted">({p["question_type"]})</span><br><span '
+                   f'class="muted">reference:</span> <span '
+                   f'class="text">{html.escape(p["reference"])}</span><br>group: mean '
+                   f'{p["mean"]:.3f}, std {p["std"]:.3f}{tie}'
+                   + "".join(completion_html(j, c, scale)
+                             for j, c in enumerate(p["completions"])) + "</div></div>")
     return "\n".join(out) + "</body></html>"
 
 
@@ -149,36 +160,43 @@ def write_step(folder, step, record, every):
     name = lambda s: f"step_{s:06d}.html"  # noqa: E731
     base = os.path.join(folder, name(step)[:-5])
     json.dump(record, open(base + ".json", "w"))
-    links = (f'<p><a href="index.html">all steps</a> | ' + (f'<a href="{name(step - every)}">step {step - every}</a> | '
-             if step > every else "") + f'<a href="{name(step + every)}">step {step + every}</a></p>')
+    links = (f'<p><a href="index.html">all steps</a> | ' + (f'<a href="{name(step - every)}">step '
+                                                            f'{step - every}</a> | '
+             if step > every else "") + f'<a href="{name(step + every)}">step '
+                                        f'{step + every}</a></p>')
     with open(base + ".html", "w") as f:
         f.write(page(record, f"GRPO step {step}, --credit {record['credit']}", links))
     pages = sorted(glob.glob(os.path.join(folder, "step_*.json")))
     rows = []
     for path in pages:
         r = json.load(open(path))
-        rows.append(f'<li><a href="{os.path.basename(path)[:-5]}.html">step {r["step"]}</a>: mean reward '
-                    f'{r["reward"]:.3f}, groups that tie {r["zero_std_groups"]:.2f}</li>')
+        rows.append(f'<li><a href="{os.path.basename(path)[:-5]}.html">step {r["step"]}</a>: mean '
+                    f'reward {r["reward"]:.3f}, groups that tie {r["zero_std_groups"]:.2f}</li>')
     with open(os.path.join(folder, "index.html"), "w") as f:
-        f.write(f"<!doctype html><html><head><meta charset='utf-8'><title>rollouts</title>{STYLE}</head><body>"
-                f"<h2>GRPO rollouts</h2><ul>{''.join(rows)}</ul></body></html>")
+        f.write(f"<!doctype html><html><head><meta "
+                f"charset='utf-8'><title>rollouts</title>{STYLE}</head><body><h2>GRPO "
+                f"rollouts</h2><ul>{''.join(rows)}</ul></body></html>")
     return base + ".html"
 
 
 def write_best_and_worst(path, rows, completions, name, k=2):
     """evaluate.py --predictions: the k worst and k best greedy answers per question type."""
     import data
-    scores = [reward.score(c, ref, t, frame=im.size) for c, ref, t, im in
+    scores = [reward.score(c, ref, t, image_size=im.size) for c, ref, t, im in
               zip(completions, rows["response"], rows["question_type"], rows["image"])]
     picked = []
     for t in data.QUESTION_TYPES:
-        idx = sorted((i for i, q in enumerate(rows["question_type"]) if q == t), key=lambda i: scores[i]["total"])
+        idx = sorted((i for i, q in enumerate(rows["question_type"]) if q == t),
+                     key=lambda i: scores[i]["total"])
         picked += idx[:k] + idx[-k:] if len(idx) > 2 * k else idx
-    prompts = [prompt_record(rows["image"][i], rows["question"][i], rows["question_type"][i], rows["response"][i],
-                             [{"text": completions[i], "tokens": [completions[i]], "advantages": [0.0],
+    prompts = [prompt_record(rows["image"][i], rows["question"][i], rows["question_type"][i],
+                             rows["response"][i],
+                             [{"text": completions[i], "tokens": [completions[i]],
+                               "advantages": [0.0],
                                "rewards": scores[i], "truncated": False}]) for i in picked]
     with open(path, "w") as f:
-        f.write(page({"prompts": prompts, "note": f"the {k} worst and {k} best greedy answers of each question type"},
+        f.write(page({"prompts": prompts,
+                      "note": f"the {k} worst and {k} best greedy answers of each question type"},
                      f"{name}: best and worst answers"))
     print(f"wrote {path}")
 

@@ -1,10 +1,8 @@
 """run.py -- everything a training script needs around its loop, shared by sft.py and grpo.py
-(which never import each other): the flag parser, the single-GPU memory levers, several GPUs,
-and a run that loses nothing.
+(which never import each other): the flag parser, the device, several GPUs and a run that loses
+nothing (the memory levers of a real checkpoint are in memory.py).
 
   * flags        parse_config: a config dataclass becomes --help (each field's comment is its help)
-  * memory       MemoryFlags / apply_memory_plan: bf16 weights, a pixel budget, a frozen vision
-                 tower, gradient checkpointing, LoRA (peft); StochasticAdamW for bf16 weights
   * DDP          ddp_init / ddp_mean / ddp_check_in_sync under torchrun, no-ops without it
   * safety       save: atomic (write to a temporary directory, then rename); periodic resumable
                  checkpoints with optimizer, data order and RNG; open_run starts afresh or, with
@@ -16,18 +14,22 @@ import dataclasses
 import inspect
 import json
 import os
+import platform
 import random
 import re
 import shutil
-from dataclasses import dataclass
+import subprocess
+import time
 
 import torch
 import torch.distributed as dist
-from transformers.image_utils import SizeDict
+
+import memory
+
 
 # ----------------------------------------------------------------------------- device
 def pick_device(name="auto"):
-    """CUDA with bf16 autocast when available, else CPU float32. Returns (device, autocast dtype)."""
+    """CUDA with bf16 autocast when available, else CPU float32 -> (device, autocast dtype)."""
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(name)
@@ -41,10 +43,12 @@ def warn_tiny_lr(script, lr, default, model):
     """One line when a real checkpoint is about to train at the tiny model's default --lr (a 3B at
     SFT's 2e-3 diverges; pretrained models fine-tune at ~1e-5 in full, ~1e-4 with LoRA). A real
     checkpoint: Qwen's 152k vocabulary (the tiny model's is ~560 tokens), or over 50M parameters."""
-    n, vocab = sum(p.numel() for p in model.parameters()), model.get_output_embeddings().weight.shape[0]
+    n = sum(p.numel() for p in model.parameters())
+    vocab = model.get_output_embeddings().weight.shape[0]
     if lr == default and (vocab > 100_000 or n > 50e6):
-        print(f"{script}: warning: --lr {lr:g} is the tiny model's default; a pretrained checkpoint "
-              f"({n / 1e6:,.0f}M parameters, {vocab:,} tokens) fine-tunes at ~1e-5 (full) or ~1e-4 (LoRA): pass --lr")
+        print(f"{script}: warning: --lr {lr:g} is the tiny model's default; a pretrained "
+              f"checkpoint ({n / 1e6:,.0f}M parameters, {vocab:,} tokens) fine-tunes at ~1e-5 "
+              f"(full) or ~1e-4 (LoRA): pass --lr")
 
 
 def peak_memory(device):
@@ -54,237 +58,18 @@ def peak_memory(device):
     return f", peak GPU memory {torch.cuda.max_memory_allocated(device) / 2**30:.1f} GiB"
 
 
-# ----------------------------------------------------------------------------- LoRA (peft)
-# Full fine-tuning keeps a gradient and two AdamW moments for every weight: 16 bytes a parameter
-# in float32, 56 GiB for the 3B model before activations. LoRA (arXiv 2106.09685) freezes W and
-# trains W + (alpha / r) B A with A [r, in] and B [out, r], B starting at 0, so training starts
-# exactly at the checkpoint. The adapters are injected IN PLACE (peft.inject_adapter_in_model):
-# the model is still the same transformers object, so sample() and completion_logprobs() are the
-# code paths of full fine-tuning. Adapters stay float32 over a bf16 base: an adapter update of
-# lr 1e-4 x a 1e-2 weight is below bf16's resolution.
-LORA_TARGETS = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
-VISION_LORA_TARGETS = ("qkv", "proj", "gate_proj", "up_proj", "down_proj")
+def provenance():
+    """Where a run is made: the commit of this code, the processor, the threads, the date."""
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                            cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip()
+    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo")
+                if line.startswith("model name")),
+               platform.processor()) if os.path.exists("/proc/cpuinfo") else platform.processor()
+    return {"commit": commit, "machine": f"{os.cpu_count()} x {cpu}",
+            "threads": torch.get_num_threads(), "date": time.strftime("%Y-%m-%d")}
 
 
-def add_lora(model, cfg):
-    """Freeze `model` and give it LoRA adapters (cfg.lora_*): the language model's projections
-    named in --lora-targets, and the vision tower's attention and MLP with --lora-vision."""
-    from peft import LoraConfig, inject_adapter_in_model
-    names = "|".join(cfg.lora_targets.split(","))
-    pattern = rf".*language_model\.layers\.\d+\.\w+\.({names})"
-    if cfg.lora_vision:
-        pattern += rf"|.*visual\.blocks\.\d+\.\w+\.({'|'.join(VISION_LORA_TARGETS)})"
-    model.requires_grad_(False)
-    inject_adapter_in_model(LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-                                       target_modules=pattern), model)
-    adapters = [p for n, p in model.named_parameters() if "lora_" in n]
-    if not adapters:
-        raise SystemExit(f"--lora-targets {cfg.lora_targets}: no module of this model has that name")
-    for p in adapters:
-        p.data = p.data.float()
-        p.requires_grad_(True)
-    n = sum(p.numel() for p in adapters)
-    print(f"LoRA r={cfg.lora_r}: {n:,} trainable adapter parameters ({n / sum(p.numel() for p in model.parameters()):.2%})")
-
-
-def lora_layers(model):
-    from peft.tuners.lora import LoraLayer
-    return [(name, m) for name, m in model.named_modules() if isinstance(m, LoraLayer)]
-
-
-class adapters_off:
-    """`with adapters_off(model):` the base model, i.e. GRPO's frozen reference policy under LoRA:
-    the same weights with the adapters switched off, no second copy in memory."""
-
-    def __init__(self, model):
-        self.layers = [m for _, m in lora_layers(model)]
-
-    def __enter__(self):
-        for m in self.layers:
-            m.enable_adapters(False)
-
-    def __exit__(self, *exc):
-        for m in self.layers:
-            m.enable_adapters(True)
-
-
-def adapter_state(model):
-    """The adapters' weights (what a LoRA run's resumable checkpoint adds to trainer_state.pt)."""
-    return {n: p.detach().clone() for n, p in model.named_parameters() if "lora_" in n}
-
-
-def load_adapters(model, state):
-    params = dict(model.named_parameters())
-    with torch.no_grad():
-        for n, t in state.items():
-            params[n].copy_(t)
-
-
-def save_merged(model, out, shard_bytes=2 * 2**30):
-    """Write `model` as a plain transformers checkpoint with every LoRA adapter merged into its
-    weight, W + (alpha / r) B A, under the base layer's name: loadable by
-    AutoModelForImageTextToText.from_pretrained with no peft installed. Streamed: shards are
-    planned from the shapes, then each tensor is copied to the CPU (and merged there) only when
-    its shard is written, so neither the GPU nor the host ever holds a second copy of the model
-    (merging on the GPU cost +5.2 GiB for the 3B, +12.2 GiB for the 7B at the first save).
-    A bf16 weight is rounded stochastically from the float32 sum: rounding to nearest drops most
-    of a small fine-tuning update (measured: ~29% of a GRPO update at lr 1e-5 is lost)."""
-    from safetensors.torch import save_file
-    os.makedirs(out, exist_ok=True)
-    layers = dict(lora_layers(model))
-    tied = set(getattr(model, "_tied_weights_keys", None) or ()) if model.config.tie_word_embeddings else set()
-    names = [n for n in model.state_dict() if "lora_" not in n and n not in tied]   # references, no copies
-    params = model.state_dict()
-    gen = torch.Generator().manual_seed(0)      # a saved file does not depend on, nor move, the run's RNG
-
-    def cpu_tensor(name):
-        t = params[name].detach().to("cpu")
-        owner = name.rsplit(".base_layer.", 1)[0]
-        if owner in layers and name.endswith(".base_layer.weight"):
-            m = layers[owner]
-            a, b = m.lora_A["default"].weight.detach().float().cpu(), m.lora_B["default"].weight.detach().float().cpu()
-            w = t.float() + m.scaling["default"] * (b @ a)                      # [out, in]
-            t = stochastic_round(w, gen) if t.dtype == torch.bfloat16 else w.to(t.dtype)
-        return t.contiguous()
-
-    shards, size = [[]], 0
-    for n in names:                                             # plan: shards of at most shard_bytes
-        nbytes = params[n].numel() * params[n].element_size()
-        if shards[-1] and size + nbytes > shard_bytes:
-            shards.append([])
-            size = 0
-        shards[-1].append(n)
-        size += nbytes
-    files = ["model.safetensors"] if len(shards) == 1 else [
-        f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
-    for file, part in zip(files, shards):
-        save_file({n.replace(".base_layer.", "."): cpu_tensor(n) for n in part}, os.path.join(out, file),
-                  metadata={"format": "pt"})
-    if len(shards) > 1:
-        weight_map = {n.replace(".base_layer.", "."): f for f, part in zip(files, shards) for n in part}
-        total = sum(params[n].numel() * params[n].element_size() for n in names)
-        json.dump({"metadata": {"total_size": total}, "weight_map": weight_map},
-                  open(os.path.join(out, "model.safetensors.index.json"), "w"), indent=2)
-    model.config.save_pretrained(out)
-    model.generation_config.save_pretrained(out)
-
-
-def apply_memory_plan(model, processor, cfg):
-    """The single-GPU memory levers for real checkpoints (README, "Scaling"), flags of sft.py and
-    grpo.py. bf16 weights are chosen at load time (--dtype); here: an image pixel budget (fewer
-    image tokens), a frozen vision tower (no gradients or AdamW state for it), and gradient
-    checkpointing (activations recomputed in backward instead of stored)."""
-    if cfg.max_pixels:
-        ip = processor.image_processor
-        ip.size = SizeDict(shortest_edge=min(ip.size["shortest_edge"], cfg.max_pixels), longest_edge=cfg.max_pixels)
-    if cfg.freeze_vision:
-        model.model.visual.requires_grad_(False)
-    if cfg.lora_r:
-        add_lora(model, cfg)
-    if cfg.grad_checkpointing:
-        model.activation_checkpointing_enable({"use_reentrant": False})
-        # transformers makes the output of EVERY input embedding require grad, the vision tower's
-        # patch embedding too: a frozen tower's activations would then be kept for backward (and,
-        # checkpointed, recomputed) for a gradient that reaches no trainable weight. Unhook it.
-        if not any(p.requires_grad for p in model.model.visual.parameters()):
-            for hook in getattr(model, "_require_grads_hooks", []):
-                hook.remove()
-            model._require_grads_hooks = [model.get_input_embeddings().register_forward_hook(
-                lambda module, args, out: out.requires_grad_(True))]     # the text embedding's only
-
-
-@dataclass
-class MemoryFlags:
-    """The single-GPU memory levers of sft.py and grpo.py: their configs inherit these fields."""
-    dtype: str = "float32"           # weights: float32 (bf16 autocast on CUDA) or bfloat16 (half the memory; AdamW rounds stochastically)
-    max_pixels: int = 0              # image pixel budget per image (0: the model's own); fewer pixels, fewer tokens
-    freeze_vision: bool = False      # train the language model only (saves the vision tower's grads and AdamW state)
-    grad_checkpointing: bool = False  # recompute activations in backward: less memory, ~30% slower
-    lora_r: int = 0                  # LoRA rank (0: full fine-tuning); the base is frozen, float32 adapters train
-    lora_alpha: float = 32.0         # LoRA scale: the update is (alpha / r) B A
-    lora_dropout: float = 0.0        # dropout on the adapters' input (0: GRPO's scored policy must be the sampled one)
-    lora_targets: str = LORA_TARGETS  # comma-separated projection names that get adapters, in the language model
-    lora_vision: bool = False        # also adapt the vision tower's attention and MLP (frozen otherwise)
-
-    def problems(self):
-        """(ok, message) pairs for the check() of each script."""
-        return [(self.dtype in ("float32", "bfloat16") and self.max_pixels >= 0,
-                 "--dtype must be float32 or bfloat16 and --max-pixels >= 0"),
-                (self.lora_r >= 0 and self.lora_alpha > 0 and 0 <= self.lora_dropout < 1,
-                 "--lora-r must be >= 0, --lora-alpha > 0 and --lora-dropout in [0, 1)"),
-                (bool(re.fullmatch(r"\w+(,\w+)*", self.lora_targets)),
-                 "--lora-targets must be comma-separated module names, e.g. q_proj,v_proj")]
-
-
-# ----------------------------------------------------------------------------- bf16 weights: AdamW that rounds stochastically
-# A bf16 weight of magnitude 0.02 has a resolution of 1.2e-4; AdamW's step at lr 1e-6 is ~1e-6,
-# and round-to-nearest throws it away every time: in pure bf16, most weights never move at the
-# learning rates real models are fine-tuned with. Rounding up or down AT RANDOM, with probability
-# in proportion to the distance, keeps every update in expectation (Gupta et al. 2015,
-# arXiv 1502.02551): over 100 steps the weights move as float32 master weights would (tested),
-# at the memory of pure bf16 (weights, gradients and both moments 2 bytes each: 8 bytes a parameter).
-def stochastic_round(x, generator=None):
-    """float32 -> bfloat16, unbiased: add random low bits below bf16's 16 kept bits, then cut them."""
-    bits = x.float().contiguous().view(torch.int32)
-    noise = torch.randint(0, 1 << 16, bits.shape, dtype=torch.int32, device=x.device, generator=generator)
-    return ((bits + noise) & -65536).view(torch.float32).to(torch.bfloat16)
-
-
-class StochasticAdamW(torch.optim.Optimizer):
-    """AdamW (Loshchilov & Hutter, arXiv 1711.05101) for bf16 parameters: the step is computed in
-    float32, then the weight and the two moments are stored back with stochastic_round. The
-    float32 work needs ~32 bytes of temporaries per element, so a tensor is updated in slices of
-    SLICE elements: unsliced, the 3B's tied embedding alone took 9.3 GiB of temporaries."""
-    SLICE = 2 ** 24   # elements per slice: ~0.5 GiB of float32 temporaries
-
-    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0):
-        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
-
-    @torch.no_grad()
-    def step(self):
-        for g in self.param_groups:
-            (b1, b2), lr = g["betas"], g["lr"]
-            for p in g["params"]:
-                if p.grad is None:
-                    continue
-                st = self.state[p]
-                if not st:
-                    st["step"] = 0
-                    st["m"], st["v"] = torch.zeros_like(p), torch.zeros_like(p)
-                st["step"] += 1
-                flat = [t.view(-1) for t in (p.data, p.grad, st["m"], st["v"])]
-                for i in range(0, p.numel(), self.SLICE):
-                    self._update(*(t[i:i + self.SLICE] for t in flat), g, st["step"])
-
-    @staticmethod
-    def _update(p, grad, m_stored, v_stored, g, step):
-        """One slice of AdamW, in float32, stored back into the slice's tensors."""
-        (b1, b2), lr = g["betas"], g["lr"]
-        grad, w = grad.float(), p.float()
-        m = m_stored.float().mul_(b1).add_(grad, alpha=1 - b1)
-        v = v_stored.float().mul_(b2).addcmul_(grad, grad, value=1 - b2)
-        denom = (v / (1 - b2 ** step)).sqrt_().add_(g["eps"])
-        w.mul_(1 - lr * g["weight_decay"]).addcdiv_(m, denom, value=-lr / (1 - b1 ** step))
-        for dst, src in ((p, w), (m_stored, m), (v_stored, v)):
-            dst.copy_(stochastic_round(src) if dst.dtype == torch.bfloat16 else src)
-
-
-def adamw(groups, lr, betas, weight_decay=0.0):
-    """torch's AdamW, or StochasticAdamW when the trained weights are bf16 (--dtype bfloat16 and
-    full fine-tuning; LoRA's adapters are float32 and take torch's)."""
-    groups = list(groups)
-    params = [p for g in groups for p in (g["params"] if isinstance(g, dict) else [g])]
-    cls = StochasticAdamW if any(p.dtype == torch.bfloat16 for p in params) else torch.optim.AdamW
-    return cls(groups, lr=lr, betas=betas, weight_decay=weight_decay)
-
-
-def weights_dtype(name):
-    """--dtype: float32 weights (bf16 autocast on CUDA) or bfloat16 weights (half the memory, and
-    AdamW's moments follow the weights' dtype: 8 bytes per trained parameter instead of 16)."""
-    return {"float32": torch.float32, "bfloat16": torch.bfloat16}[name]
-
-
-# ----------------------------------------------------------------------------- several GPUs (torchrun)
+# -------------------------------------------------------------------------- several GPUs (torchrun)
 # nanoGPT's recipe: `torchrun --nproc_per_node=N sft.py` sets RANK/WORLD_SIZE/LOCAL_RANK; each
 # process joins one group, owns one device, wraps the model in DistributedDataParallel (gradients
 # are averaged in backward) and works on its own share of the data. Rank 0 logs and saves.
@@ -307,7 +92,8 @@ def ddp_mean(value):
     """A float averaged over ranks (for logging one number per step); unchanged outside DDP."""
     if not dist.is_initialized():
         return float(value)
-    t = torch.tensor([float(value)], dtype=torch.float64, device="cuda" if dist.get_backend() == "nccl" else "cpu")
+    t = torch.tensor([float(value)], dtype=torch.float64,
+                     device="cuda" if dist.get_backend() == "nccl" else "cpu")
     dist.all_reduce(t)   # a sum over ranks
     return t.item() / dist.get_world_size()
 
@@ -318,7 +104,8 @@ def ddp_std(x):
     if not dist.is_initialized():
         return x.std() if x.numel() > 1 else x.new_zeros(())
     device = "cuda" if dist.get_backend() == "nccl" else "cpu"
-    s = torch.tensor([x.numel(), float(x.sum()), float((x.double() ** 2).sum())], dtype=torch.float64, device=device)
+    s = torch.tensor([x.numel(), float(x.sum()), float((x.double() ** 2).sum())],
+                     dtype=torch.float64, device=device)
     dist.all_reduce(s)   # count, sum and sum of squares over ranks
     n, total, squares = s.tolist()
     return x.new_tensor(max(squares - total * total / n, 0.0) / (n - 1) if n > 1 else 0.0).sqrt()
@@ -332,7 +119,8 @@ def ddp_check_in_sync(model):
     fp = sum(float((p.detach().double() * (i + 1)).sum()) for i, p in enumerate(model.parameters()))
     prints = [None] * dist.get_world_size()
     dist.all_gather_object(prints, fp)
-    assert all(abs(x - prints[0]) <= 1e-9 * max(1.0, abs(prints[0])) for x in prints), f"ranks disagree on the weights: {prints}"
+    assert all(abs(x - prints[0]) <= 1e-9 * max(1.0, abs(prints[0])) for x in prints), (
+        f"ranks disagree on the weights: {prints}")
     if is_main():
         print(f"ddp: {len(prints)} ranks agree on the weights (fingerprint {fp:.6e})")
 
@@ -346,15 +134,15 @@ def save(model, processor, out, state=None, into=False, weights=True):
     existing run directory (metrics.jsonl stays), replacing each file atomically.
     The processor class is renamed to plain Qwen2_5_VLProcessor (with a video-processor entry), so
     AutoProcessor.from_pretrained(out) works wherever torchvision is installed. A LoRA model is
-    written merged (save_merged); weights=False writes no weights at all (a LoRA run's periodic
-    checkpoint: its adapters are in `state`, and resuming rebuilds from the base model)."""
+    written merged (memory.save_merged); weights=False writes no weights at all (a LoRA run's
+    periodic checkpoint: its adapters are in `state`, and resuming rebuilds from the base)."""
     out = os.path.normpath(out)
     tmp = f"{out}.tmp-{os.getpid()}"
     try:
         shutil.rmtree(tmp, ignore_errors=True)
         os.makedirs(tmp)
-        if weights and lora_layers(model):
-            save_merged(model, tmp)
+        if weights and memory.lora_layers(model):
+            memory.save_merged(model, tmp)
         elif weights:
             model.save_pretrained(tmp)
         processor.save_pretrained(tmp)
@@ -363,7 +151,8 @@ def save(model, processor, out, state=None, into=False, weights=True):
             cfg = json.load(open(path))
             cfg["processor_class"] = "Qwen2_5_VLProcessor"
             if name == "processor_config.json":
-                cfg.setdefault("video_processor", dict(cfg["image_processor"], video_processor_type="Qwen2VLVideoProcessor"))
+                video = dict(cfg["image_processor"], video_processor_type="Qwen2VLVideoProcessor")
+                cfg.setdefault("video_processor", video)
             json.dump(cfg, open(path, "w"), indent=2)
         if state is not None:
             torch.save(state, os.path.join(tmp, "trainer_state.pt"))
@@ -382,7 +171,8 @@ def save(model, processor, out, state=None, into=False, weights=True):
         shutil.rmtree(tmp, ignore_errors=True)
         if not os.path.isdir(out) and os.path.isdir(out + ".old"):
             os.rename(out + ".old", out)
-        raise SystemExit(f"cannot save to {out}: {e.strerror or e} (the previous checkpoint, if any, is intact)")
+        raise SystemExit(f"cannot save to {out}: {e.strerror or e} (the previous checkpoint, if "
+                         f"any, is intact)")
 
 
 def _before_rename(tmp):
@@ -394,15 +184,16 @@ def save_checkpoint(out, step, model, processor, state, keep=2):
     root = os.path.join(out, "checkpoints")
     os.makedirs(root, exist_ok=True)
     save(model, processor, os.path.join(root, f"step_{step:06d}"), dict(state, step=step),
-         weights=not lora_layers(model))       # LoRA: the adapters are in the state
+         weights=not memory.lora_layers(model))       # LoRA: the adapters are in the state
     for old in list_checkpoints(out)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
 
 
 def list_checkpoints(out):
-    """Complete checkpoints under OUT/checkpoints, oldest first (half-written .tmp-* never match)."""
+    """Complete checkpoints under OUT/checkpoints, oldest first (half-written .tmp-* never do)."""
     root = os.path.join(out, "checkpoints")
-    names = sorted(n for n in os.listdir(root) if re.fullmatch(r"step_\d{6}", n)) if os.path.isdir(root) else []
+    names = (sorted(n for n in os.listdir(root) if re.fullmatch(r"step_\d{6}", n))
+             if os.path.isdir(root) else [])
     return [os.path.join(root, n) for n in names]
 
 
@@ -425,7 +216,8 @@ def rng_state():
 def set_rng_state(s):
     if "ranks" in s:
         assert dist.is_initialized() and len(s["ranks"]) == dist.get_world_size(), (
-            f"this checkpoint was written by {len(s['ranks'])} ranks: resume with the same --nproc_per_node")
+            f"this checkpoint was written by {len(s['ranks'])} ranks: resume with the same "
+            f"--nproc_per_node")
         s = s["ranks"][dist.get_rank()]
     torch.set_rng_state(s["torch"])
     random.setstate(s["python"])
@@ -449,14 +241,17 @@ def open_run(out, resume):
         raise SystemExit(f"--out {out}: not writable ({e.strerror or e})")
     metrics = os.path.join(out, "metrics.jsonl")
     found = list_checkpoints(out) if resume else []
-    if resume and not found:   # e.g. a cluster job preempted before its first checkpoint, re-run as it was
+    # e.g. a cluster job preempted before its first checkpoint, re-run as it was
+    if resume and not found:
         if is_main():
-            print(f"--resume: no checkpoint in {os.path.join(out, 'checkpoints')} yet: starting from step 0")
+            print(f"--resume: no checkpoint in {os.path.join(out, 'checkpoints')} yet: starting "
+                  f"from step 0")
         resume = False
     if not resume:
-        if is_main():                                  # under DDP only rank 0 touches the run directory
+        if is_main():  # under DDP only rank 0 touches the run directory
             if os.path.exists(metrics) or list_checkpoints(out):
-                print(f"{out}: starting afresh (previous metrics and checkpoints removed; --resume continues instead)")
+                print(f"{out}: starting afresh (previous metrics and checkpoints removed; --resume "
+                      f"continues instead)")
             shutil.rmtree(os.path.join(out, "checkpoints"), ignore_errors=True)
             open(metrics, "w").close()
         _barrier()
@@ -491,17 +286,19 @@ class StopOnCtrlC:
         if self.requested:
             raise KeyboardInterrupt
         self.requested = True
-        print("\nCtrl-C: finishing this step, then saving a checkpoint (Ctrl-C again to abort now)", flush=True)
+        print("\nCtrl-C: finishing this step, then saving a checkpoint (Ctrl-C again to abort now)",
+              flush=True)
 
 
-def after_step(script, cfg, step, bad, stop, model, processor, state):
+def after_step(script, cfg, step, nonfinite, stop, model, processor, state):
     """The run-safety tail of every training step, shared by sft.py and grpo.py: stop on too many
     non-finite updates in a row, save a periodic (or Ctrl-C) checkpoint, and say how to resume.
     `state` is a function, so the optimizer state is only gathered when a checkpoint is written.
     Returns True when the run should stop here."""
-    if bad >= cfg.max_bad_steps:
-        raise SystemExit(f"{script}: {bad} non-finite losses or gradients in a row (step {step}); no update "
-                         f"was applied for them. Lower --lr, or resume from the last checkpoint with --resume.")
+    if nonfinite >= cfg.max_bad_steps:
+        raise SystemExit(f"{script}: {nonfinite} non-finite losses or gradients in a row "
+                         f"(step {step}); no update was applied for them. Lower --lr, or resume "
+                         f"from the last checkpoint with --resume.")
     if (cfg.save_every and step % cfg.save_every == 0 and step < cfg.max_steps) or stop.requested:
         snapshot = state()                      # on every rank: it gathers each rank's RNG state
         if is_main():
@@ -515,7 +312,8 @@ def after_step(script, cfg, step, bad, stop, model, processor, state):
 # ----------------------------------------------------------------------------- plumbing
 def _flag_bool(text):
     """argparse's bool("False") is True; accept the usual spellings instead."""
-    value = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}.get(text.lower())
+    value = {"true": True, "1": True, "yes": True, "false": False, "0": False,
+             "no": False}.get(text.lower())
     if value is None:
         raise ValueError(text)   # argparse turns this into "invalid _flag_bool value: 'text'"
     return value
@@ -524,15 +322,19 @@ def _flag_bool(text):
 def parse_config(cls, doc="", nargs=None):
     """Expose a config dataclass as command-line flags (max_steps -> --max-steps). Each flag's help
     is the one-line comment written after its field, so the dataclass stays the single source.
-    `nargs` maps a field to argparse's nargs (e.g. {"checkpoint": "+"}): that field becomes a list."""
-    source = "".join(inspect.getsource(c) for c in cls.__mro__ if dataclasses.is_dataclass(c))  # inherited flags too
+    `nargs` maps a field to argparse's nargs (e.g. {"checkpoint": "+"}): that field becomes a
+    list."""
+    source = "".join(inspect.getsource(c) for c in cls.__mro__
+                     if dataclasses.is_dataclass(c))  # inherited flags too
     comments = dict(re.findall(r"^\s+(\w+):[^=\n]+=[^#\n]+#\s*(.+)$", source, re.M))
     ap = argparse.ArgumentParser(description=doc.strip().split("\n")[0])
-    own_first = sorted(dataclasses.fields(cls), key=lambda f: f.name not in vars(cls).get("__annotations__", {}))
+    own_first = sorted(dataclasses.fields(cls),
+                       key=lambda f: f.name not in vars(cls).get("__annotations__", {}))
     for f in own_first:                  # the script's own flags, then the inherited ones
         flag, is_bool = "--" + f.name.replace("_", "-"), isinstance(f.default, bool)
         ap.add_argument(flag, type=_flag_bool if is_bool else type(f.default), default=f.default,
                         nargs="?" if is_bool else (nargs or {}).get(f.name),
                         const=True if is_bool else None,   # a bare `--resume` means `--resume true`
-                        help=f"{comments.get(f.name, '')} (default: {f.default})".replace("%", "%%"))
+                        help=f"{comments.get(f.name, '')} (default: {f.default})".replace(
+                            "%", "%%"))
     return cls(**vars(ap.parse_args()))

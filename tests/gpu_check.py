@@ -25,9 +25,9 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 import data  # noqa: E402
 import grpo  # noqa: E402
+import memory  # noqa: E402
 import model as M  # noqa: E402
 import reward  # noqa: E402
-import run  # noqa: E402
 import sft  # noqa: E402
 import qwen_lookalike as Q  # noqa: E402
 
@@ -81,7 +81,8 @@ def measure(size, device, budgets, rows_out, notes):
         processor = M.ImageOnlyProcessor.from_pretrained(tmp)
     processor.tokenizer.padding_side = "left"
     rows = batch(B, frame)
-    trace = rows["response"][0][:-len("</think><answer>no</answer>")]   # a long trace: ~100 words, as GEMeX's
+    # a long trace: ~100 words, as GEMeX's
+    trace = rows["response"][0][:-len("</think><answer>no</answer>")]
     sft_rows = dict(rows, response=[(trace + " ") * 6 + "</think><answer>no</answer>"] * B)
 
     def add(mode, what, peak, seconds):
@@ -97,26 +98,30 @@ def measure(size, device, budgets, rows_out, notes):
     torch.manual_seed(0)
     old = M.sample(model, processor, rows["image"], rows["question"], G, 64, 0.7)["completion_ids"]
     M.text_support = keep
-    notes.append(f"{size}: the old sampler drew {int((old >= Q.N_TOKENS).sum())} ids past the tokenizer "
-                 f"in {old.numel():,} sampled tokens (a random model: ~271/151,936 of them)")
+    notes.append(f"{size}: the old sampler drew {int((old >= Q.N_TOKENS).sum())} ids past the "
+                 f"tokenizer in {old.numel():,} sampled tokens (a random model: ~271/151,936 of "
+                 f"them)")
 
     # -- shared-prefill vs per-row log-probs, bf16, left padding (the prompts differ in length)
     roll = M.sample(model, processor, rows["image"], rows["question"], 2, 32, 0.7)
     with torch.no_grad():
-        shared = M.completion_logprobs(model, roll["prompt"], roll["completion_ids"], roll["completion_mask"],
-                                       repeats=2, support=roll["support"])
-        model.activation_checkpointing_enable({"use_reentrant": False})              # -> the per-row path
-        per_row = M.completion_logprobs(model, roll["prompt"], roll["completion_ids"], roll["completion_mask"],
-                                        repeats=2, support=roll["support"])
+        shared = M.completion_logprobs(model, roll["prompt"], roll["completion_ids"],
+                                       roll["completion_mask"], repeats=2, support=roll["support"])
+        model.activation_checkpointing_enable({"use_reentrant": False})  # -> the per-row path
+        per_row = M.completion_logprobs(model, roll["prompt"], roll["completion_ids"],
+                                        roll["completion_mask"], repeats=2, support=roll["support"])
         model.activation_checkpointing_disable()
     m = roll["completion_mask"] > 0
     notes.append(f"{size}: shared-prefill vs per-row log-probs in {dtype}: max |diff| "
-                 f"{(shared - per_row)[m].abs().max():.3f} nats, mean {(shared - per_row)[m].abs().mean():.4f}, "
-                 f"finite {bool(torch.isfinite(shared[m]).all() and torch.isfinite(per_row[m]).all())}")
+                 f"{(shared - per_row)[m].abs().max():.3f} nats, mean "
+                 f"{(shared - per_row)[m].abs().mean():.4f}, finite "
+                 f"{bool(torch.isfinite(shared[m]).all())}, "
+                 f"{bool(torch.isfinite(per_row[m]).all())}")
     rollouts = {}
-    for T in budgets:                                   # one rollout per budget, shared by every cell
+    for T in budgets:  # one rollout per budget, shared by every cell
         torch.manual_seed(0)
-        peak, sec, rollouts[T] = cell(lambda: M.sample(model, processor, rows["image"], rows["question"], G, T, 0.7),
+        peak, sec, rollouts[T] = cell(lambda: M.sample(model, processor, rows["image"],
+                                                       rows["question"], G, T, 0.7),
                                       device)
         add("any", f"GRPO generate, B {B} x G {G}, T {T}", peak, sec)
     del model
@@ -126,23 +131,28 @@ def measure(size, device, budgets, rows_out, notes):
     for mode in ("LoRA r=16", "full bf16"):
         model = Q.build_model(size, device, dtype, tail_scale=1.0)
         lora = mode.startswith("LoRA")
-        run.apply_memory_plan(model, processor, run.MemoryFlags(lora_r=16 if lora else 0, dtype="bfloat16"))
+        memory.apply_memory_plan(model, processor,
+                              memory.MemoryFlags(lora_r=16 if lora else 0, dtype="bfloat16"))
         model.train()
-        ref = None if lora else Q.build_model(size, device, dtype, tail_scale=1.0).eval().requires_grad_(False)
-        opt = run.adamw([p for p in model.parameters() if p.requires_grad], 1e-5, (0.9, 0.99))
+        ref = (None if lora
+               else Q.build_model(size, device, dtype, tail_scale=1.0).eval().requires_grad_(False))
+        opt = memory.adamw([p for p in model.parameters() if p.requires_grad], 1e-5, (0.9, 0.99))
         end = M.end_ids(model)[0]
         for ckpt in (False, True):
             if ckpt:
-                run.apply_memory_plan(model, processor, run.MemoryFlags(grad_checkpointing=True))
+                plan = memory.MemoryFlags(grad_checkpointing=True)
+                memory.apply_memory_plan(model, processor, plan)
             tag = ", checkpointing" if ckpt else ""
 
             def sft_step():
-                b = sft.sft_batch(processor, {k: v[:min(4, B)] for k, v in sft_rows.items()}, end, device)
+                b = sft.sft_batch(processor, {k: v[:min(4, B)] for k, v in sft_rows.items()}, end,
+                                  device)
                 sft.token_mean_backward(model, [b])
                 opt.step()
                 opt.zero_grad(set_to_none=True)
             peak, sec, _ = cell(sft_step, device)
-            add(mode, f"SFT step, batch {min(4, B)} x ~{len(processor.tokenizer(sft_rows['response'][0])['input_ids'])} "
+            add(mode, f"SFT step, batch {min(4, B)} x "
+                      f"~{len(processor.tokenizer(sft_rows['response'][0])['input_ids'])} "
                       f"tokens{tag}", peak, sec)
             for T in budgets:
                 roll = rollouts[T]
@@ -152,12 +162,14 @@ def measure(size, device, budgets, rows_out, notes):
                     cfg = grpo.GRPOConfig(beta=0.04, micro_batch=mb, max_new_tokens=T)
 
                     def grpo_step():
-                        scores = [reward.score(t, rows["response"][i // G], rows["question_type"][i // G])
+                        scores = [reward.score(t, rows["response"][i // G],
+                                               rows["question_type"][i // G])
                                   for i, t in enumerate(roll["texts"])]
-                        adv = grpo.advantages(torch.tensor([s["total"] for s in scores], device=device) +
+                        adv = grpo.advantages(torch.tensor([s["total"] for s in scores],
+                                                           device=device) +
                                               torch.rand(B * G, device=device) * 0.01, G, "batch")
                         if lora:
-                            with run.adapters_off(model):
+                            with memory.adapters_off(model):
                                 ref_logp = grpo.logprobs(model, roll, mb, 0.7)
                         else:
                             ref_logp = grpo.logprobs(ref, roll, mb, 0.7)
@@ -165,12 +177,13 @@ def measure(size, device, budgets, rows_out, notes):
                         opt.step()
                         opt.zero_grad(set_to_none=True)
                     peak, sec, _ = cell(grpo_step, device)
-                    add(mode, f"GRPO step (reference + update), T {T}, micro-batch {mb}{tag}", peak, sec)
+                    add(mode, f"GRPO step (reference + update), T {T}, micro-batch {mb}{tag}", peak,
+                        sec)
             if ckpt:
                 model.activation_checkpointing_disable()
         if lora:
             with tempfile.TemporaryDirectory() as tmp:
-                peak, sec, _ = cell(lambda: run.save_merged(model, tmp), device)
+                peak, sec, _ = cell(lambda: memory.save_merged(model, tmp), device)
             add(mode, "merged save (streamed, on the CPU)", peak, sec)
         del model, ref, opt
         gc.collect()
@@ -180,16 +193,18 @@ def measure(size, device, budgets, rows_out, notes):
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--toy", action="store_true", help="toy widths on the CPU: the dry run")
-    ap.add_argument("--sizes", default="3b,7b", help="model sizes, in order (7B is skipped past --budget-s / 2)")
-    ap.add_argument("--budget-s", type=float, default=420, help="stop starting new sizes after this many seconds")
+    ap.add_argument("--sizes", default="3b,7b",
+                    help="model sizes, in order (7B is skipped past --budget-s / 2)")
+    ap.add_argument("--budget-s", type=float, default=420,
+                    help="stop starting new sizes after this many seconds")
     ap.add_argument("--out", default="", help="also write the table to this markdown file")
     a = ap.parse_args()
     device = torch.device("cpu" if a.toy else "cuda")
     sizes = ["toy"] if a.toy else a.sizes.split(",")
     budgets = (16, 24) if a.toy else (160, 256)
     name = "CPU" if a.toy else torch.cuda.get_device_name()
-    print(f"device {name}, torch {torch.__version__}\n\n| model | mode | what | peak GiB | seconds |\n"
-          "| --- | --- | --- | --- | --- |")
+    print(f"device {name}, torch {torch.__version__}\n\n| model | mode | what | peak GiB | seconds "
+          f"|\n| --- | --- | --- | --- | --- |")
     t0, rows, notes = time.time(), [], []
     for size in sizes:
         if size != sizes[0] and time.time() - t0 > a.budget_s / 2:
@@ -199,7 +214,8 @@ def main():
     print("\n" + "\n".join(f"- {n}" for n in notes) + f"\n- total {time.time() - t0:.0f} s")
     if a.out:
         with open(a.out, "w") as f:
-            f.write(f"device {name}\n\n| model | mode | what | peak GiB | seconds |\n| --- | --- | --- | --- | --- |\n")
+            f.write(f"device {name}\n\n| model | mode | what | peak GiB | seconds |\n| --- | --- | "
+                    f"--- | --- | --- |\n")
             for size, mode, what, peak, sec in rows:
                 p = peak if isinstance(peak, str) else "n/a" if peak != peak else f"{peak:.1f}"
                 f.write(f"| {size} | {mode} | {what} | {p} | {sec:.1f} |\n")

@@ -6,6 +6,7 @@ from dataclasses import replace
 
 import pytest
 
+import pretrain
 import model as M
 import run
 import sft
@@ -23,9 +24,10 @@ def test_checkpoints_that_are_not_models(tmp_path):
     (tmp_path / "gpt2" / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
     (tmp_path / "broken").mkdir()
     (tmp_path / "broken" / "config.json").write_text("{not json")
-    run.save(*M.load("tiny"), str(tmp_path / "noweights"))
+    run.save(*pretrain.build(), str(tmp_path / "noweights"))
     (tmp_path / "noweights" / "model.safetensors").unlink()
-    for name, word in (("missing", "does not exist"), ("empty", "no config.json"), ("gpt2", "'gpt2'"),
+    for name, word in (("missing", "does not exist"), ("empty", "no config.json"),
+                       ("gpt2", "'gpt2'"),
                        ("broken", "cannot read its config"), ("noweights", "cannot load")):
         path = str(tmp_path / name)
         with pytest.raises(SystemExit) as e:
@@ -43,10 +45,10 @@ def test_each_script_names_the_bad_checkpoint(tmp_path):
 
 
 @pytest.mark.parametrize("flags,word", [({"lr": -1.0}, "--lr"), ({"batch_size": 0}, "--batch-size"),
-                                        ({"train_size": 10**6}, "--train-size"), ({"grad_clip": 0.0}, "--grad-clip"),
+                                        ({"train_size": 10**6}, "--train-size"),
+                                        ({"grad_clip": 0.0}, "--grad-clip"),
                                         ({"eval_n": 0}, "--eval-n"), ({"keep": 0}, "--keep"),
-                                        ({"tower_steps": -1}, "--tower-steps"), ({"tower_lr": 0.0}, "--tower-lr"),
-                                        ({"reading_steps": -1}, "--reading-steps")])
+                                        ({"trace": "cot"}, "--trace")])
 def test_sft_flags_out_of_range(flags, word):
     with pytest.raises(SystemExit, match=word):
         sft.check(replace(sft.SFTConfig(), **flags))

@@ -48,7 +48,8 @@ def samples():
 def test_question_types_balanced_and_answers_balanced(samples):
     types = Counter(s["question_type"] for s in samples)
     assert set(types) == set(data.QUESTION_TYPES) and set(types.values()) == {N // 4}
-    by = lambda t: [parse(s["response"]).answer for s in samples if s["question_type"] == t]  # noqa: E731
+    def by(t):
+        return [parse(s["response"]).answer for s in samples if s["question_type"] == t]
     closed = Counter(by("closed_ended_questions"))
     assert set(closed) == {"yes", "no"} and 0.4 < closed["yes"] / (N // 4) < 0.6
     single = Counter(by("single_choice_questions"))
@@ -64,20 +65,24 @@ def test_findings_regions_and_traces(samples):
     regions, kinds = Counter(), Counter()
     for s in samples:
         p = parse(s["response"])
-        assert 1 <= len(p.boxes) <= 4 and p.think.count(".") == len(p.boxes)   # 1-4 grounded sentences
+        # 1-4 grounded sentences
+        assert 1 <= len(p.boxes) <= 4 and p.think.count(".") == len(p.boxes)
         for region, box in p.boxes:
             assert region in data.REGIONS
             assert 0 <= box[0] < box[2] <= 112 and 0 <= box[1] < box[3] <= 112  # inside the frame
             regions[region] += 1
         kinds.update(k for k, (_, desc) in data.FINDINGS.items() if desc in p.think)
-    assert set(regions) == set(data.REGIONS) and set(kinds) == set(data.FINDINGS)   # every region and finding occurs
+    # every region and finding occurs
+    assert set(regions) == set(data.REGIONS) and set(kinds) == set(data.FINDINGS)
     no_answers = [s for s in samples if parse(s["response"]).answer == "no"]
-    assert no_answers and all(parse(s["response"]).boxes for s in no_answers)  # a "no" is grounded too
+    assert no_answers and all(parse(s["response"]).boxes
+                              for s in no_answers)  # a "no" is grounded too
 
 
 def test_boxes_follow_the_anatomy_not_a_template(samples):
     """The same region moves from image to image: a box must be found by looking."""
-    boxes = [b for s in samples for r, b in parse(s["response"]).boxes if r == "left lower lung zone"]
+    boxes = [b for s in samples for r, b in parse(s["response"]).boxes
+             if r == "left lower lung zone"]
     spread = np.array(boxes).std(0)
     assert (spread > 2).all(), spread
 
@@ -94,7 +99,7 @@ def test_costophrenic_angles_are_lateral():
 
 def test_rescale_box_is_the_one_frame_conversion():
     assert data.rescale_box([60, 120, 104, 170], (224, 224), (112, 112)) == [30, 60, 52, 85]
-    assert data.rescale_box([0, 0, 230, 224], (224, 224), (448, 448)) == [0, 0, 448, 448]   # clamped
+    assert data.rescale_box([0, 0, 230, 224], (224, 224), (448, 448)) == [0, 0, 448, 448]  # clamped
     assert data.rescale_box([10, 20, 30, 40], (100, 200), (200, 100)) == [20, 10, 60, 20]
 
 
@@ -103,4 +108,4 @@ def test_preview_writes_a_png(tmp_path):
     out = tmp_path / "p.png"
     data.preview(str(out), n=4)
     img = Image.open(out)
-    assert img.size[0] == 4 * 112 * 3 and np.asarray(img).std() > 20   # a picture, not a blank sheet
+    assert img.size[0] == 4 * 112 * 3 and np.asarray(img).std() > 20  # a picture, not a blank sheet

@@ -5,13 +5,15 @@ import pytest
 import torch
 
 import data
+import pretrain
+import memory
 import model as M
 import run
 
 
 @pytest.fixture(scope="module")
 def tiny():
-    return M.load("tiny")
+    return pretrain.build()
 
 
 @pytest.fixture(scope="module")
@@ -28,7 +30,8 @@ def test_tiny_is_a_real_qwen2_5_vl(tiny):
     tok = processor.tokenizer
     # digits are single tokens, the tags are single tokens that survive decoding
     assert tok.tokenize("[60, 120]").count("1") == 1 and "<think>" in tok.tokenize("<think>x")
-    assert tok.decode(tok("<think>a</think><|im_end|>")["input_ids"], skip_special_tokens=True) == "<think>a</think>"
+    ids = tok("<think>a</think><|im_end|>")["input_ids"]
+    assert tok.decode(ids, skip_special_tokens=True) == "<think>a</think>"
     assert model.generation_config.eos_token_id == tok.convert_tokens_to_ids("<|im_end|>")
 
 
@@ -37,7 +40,8 @@ def test_image_tokens_equal_vision_features(tiny, batch):
     prompt = M.build_prompts(processor, *batch[:2])
     feats = model.get_image_features(prompt["pixel_values"], prompt["image_grid_thw"]).pooler_output
     n_tokens = (prompt["input_ids"] == processor.image_token_id).sum(1)           # per prompt
-    assert [f.shape[0] for f in feats] == n_tokens.tolist() == [16] * 4            # 112 px -> 8x8 -> 2x2 merged
+    # 112 px -> 8x8 -> 2x2 merged
+    assert [f.shape[0] for f in feats] == n_tokens.tolist() == [16] * 4
 
 
 def test_completion_mask_keeps_the_first_end_token_even_when_pad_is_eos():
@@ -45,7 +49,8 @@ def test_completion_mask_keeps_the_first_end_token_even_when_pad_is_eos():
     ids = torch.tensor([[5, 6, E, E, E], [5, E, 7, 8, E], [5, 6, 7, 8, 4]])
     expect = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 0, 0, 0], [1, 1, 1, 1, 1]]).float()
     assert torch.equal(M.completion_mask(ids, [E]), expect)
-    assert torch.equal(M.completion_mask(ids, [E, 4]), torch.tensor([[1, 1, 1, 0, 0], [1, 1, 0, 0, 0], [1, 1, 1, 1, 1.]]))
+    assert torch.equal(M.completion_mask(ids, [E, 4]),
+                       torch.tensor([[1, 1, 1, 0, 0], [1, 1, 0, 0, 0], [1, 1, 1, 1, 1.]]))
 
 
 def test_logprobs_equal_a_hand_written_forward(tiny, batch):
@@ -56,9 +61,12 @@ def test_logprobs_equal_a_hand_written_forward(tiny, batch):
     with torch.no_grad():
         got = M.completion_logprobs(model, prompt, ids, mask)                          # [N, T]
         full = torch.cat([prompt["input_ids"], ids], 1)
-        logits = model(input_ids=full, attention_mask=torch.cat([prompt["attention_mask"], mask.long()], 1),
-                       mm_token_type_ids=torch.cat([prompt["mm_token_type_ids"], torch.zeros_like(ids)], 1),
-                       pixel_values=prompt["pixel_values"], image_grid_thw=prompt["image_grid_thw"]).logits
+        logits = model(input_ids=full,
+                       attention_mask=torch.cat([prompt["attention_mask"], mask.long()], 1),
+                       mm_token_type_ids=torch.cat([prompt["mm_token_type_ids"],
+                                                    torch.zeros_like(ids)], 1),
+                       pixel_values=prompt["pixel_values"],
+                       image_grid_thw=prompt["image_grid_thw"]).logits
     P = prompt["input_ids"].shape[1]
     for i in range(len(responses)):
         for t in range(int(mask[i].sum())):   # token t of the completion is predicted at P + t - 1
@@ -67,7 +75,7 @@ def test_logprobs_equal_a_hand_written_forward(tiny, batch):
 
 
 def test_mm_token_type_ids_change_the_logits(tiny, batch):
-    """Why every forward passes mm_token_type_ids: without them M-RoPE silently falls back to 1-D."""
+    """Why every forward passes mm_token_type_ids: without them M-RoPE silently falls back to 1-D"""
     model, processor = tiny
     prompt = M.build_prompts(processor, *batch[:2])
     with torch.no_grad():
@@ -82,10 +90,14 @@ def test_a_sampled_rollout_has_the_group_layout_shapes_and_masks(tiny, batch):
     model, processor = tiny
     images, questions, _ = batch
     torch.manual_seed(0)
-    out = M.sample(model, processor, images[:2], questions[:2], group_size=3, max_new_tokens=12, temperature=0.7)
+    out = M.sample(model, processor, images[:2], questions[:2], group_size=3, max_new_tokens=12,
+                   temperature=0.7)
     ids, mask, prompt = out["completion_ids"], out["completion_mask"], out["prompt"]
-    assert prompt["input_ids"].shape[0] == 2 and out["group_size"] == 3                # each prompt once
-    assert ids.shape[0] == 6 and len(out["texts"]) == 6 and mask.shape == ids.shape and ids.shape[1] <= 12
+    assert prompt["input_ids"].shape[0] == 2 and out["group_size"] == 3  # each prompt once
+    assert ids.shape[0] == 6
+    assert len(out["texts"]) == 6
+    assert mask.shape == ids.shape
+    assert ids.shape[1] <= 12
     end, pad = M.end_ids(model), processor.tokenizer.pad_token_id
     for i in range(6):
         n = int(mask[i].sum())
@@ -93,11 +105,14 @@ def test_a_sampled_rollout_has_the_group_layout_shapes_and_masks(tiny, batch):
         if out["truncated"][i]:
             assert n == ids.shape[1] == 12
         else:
-            assert ids[i, n - 1] in end and (ids[i, n:] == pad).all()                  # ends once, then padding
-    # the layout: rows 0-2 continue prompt 0 and rows 3-5 prompt 1 (greedy groups repeat their prompt's answer)
-    g = M.sample(model, processor, images[:2], questions[:2], group_size=3, max_new_tokens=12, greedy=True)["completion_ids"]
+            assert ids[i, n - 1] in end and (ids[i, n:] == pad).all()  # ends once, then padding
+    # the layout: rows 0-2 continue prompt 0 and rows 3-5 prompt 1 (greedy groups repeat their
+    # prompt's answer)
+    g = M.sample(model, processor, images[:2], questions[:2], group_size=3, max_new_tokens=12,
+                 greedy=True)["completion_ids"]
     for b in range(2):
-        alone = M.sample(model, processor, images[b:b + 1], questions[b:b + 1], max_new_tokens=12, greedy=True)
+        alone = M.sample(model, processor, images[b:b + 1], questions[b:b + 1], max_new_tokens=12,
+                         greedy=True)
         for r in range(3 * b, 3 * b + 3):
             assert torch.equal(g[r, :alone["completion_ids"].shape[1]], alone["completion_ids"][0])
 
@@ -107,13 +122,16 @@ def test_the_decode_loop_is_generate_and_the_scoring_forward_sees_what_it_saw(ti
     images, questions, _ = batch
     prompt = M.build_prompts(processor, images, questions)
     gen = model.generate(**prompt, max_new_tokens=12, do_sample=False, output_logits=True,
-                         return_dict_in_generate=True, pad_token_id=processor.tokenizer.pad_token_id)
+                         return_dict_in_generate=True,
+                         pad_token_id=processor.tokenizer.pad_token_id)
     g_ids = gen.sequences[:, prompt["input_ids"].shape[1]:]
     g_mask = M.completion_mask(g_ids, M.end_ids(model))
     ours = M.sample(model, processor, images, questions, max_new_tokens=12, greedy=True)
-    assert torch.equal(ours["completion_ids"] * ours["completion_mask"].long(), (g_ids * g_mask.long())[:, :ours["completion_ids"].shape[1]])
+    assert torch.equal(ours["completion_ids"] * ours["completion_mask"].long(),
+                       (g_ids * g_mask.long())[:, :ours["completion_ids"].shape[1]])
     # the scoring pass must see what generation saw: same 3-D positions, same logits
-    want = torch.stack([torch.log_softmax(l.float(), -1) for l in gen.logits], 1).gather(-1, g_ids[..., None])[..., 0]
+    logp = torch.stack([torch.log_softmax(x.float(), -1) for x in gen.logits], 1)
+    want = logp.gather(-1, g_ids[..., None])[..., 0]
     with torch.no_grad():
         got = M.completion_logprobs(model, prompt, g_ids, g_mask)
     assert torch.allclose(got * g_mask, want * g_mask, atol=1e-4)
@@ -123,12 +141,14 @@ def test_the_decode_loop_is_generate_and_the_scoring_forward_sees_what_it_saw(ti
 def test_shared_prompt_scoring_equals_the_per_row_forward(batch, vision_trained):
     # each prompt prefilled once and its cache repeated for its G completions: the same log-probs
     # AND the same gradient (into the prompt pass and the vision tower) as G full copies
-    model, processor = M.load("tiny")
+    model, processor = pretrain.build()
     model.model.visual.requires_grad_(vision_trained)
     images, questions, _ = batch
     torch.manual_seed(0)
-    out = M.sample(model, processor, images[:2], questions[:2], group_size=3, max_new_tokens=10, temperature=1.0)
-    ids, mask, repeats = out["completion_ids"], out["completion_mask"], [2, 4]      # any split of the 6 rows
+    out = M.sample(model, processor, images[:2], questions[:2], group_size=3, max_new_tokens=10,
+                   temperature=1.0)
+    # any split of the 6 rows
+    ids, mask, repeats = out["completion_ids"], out["completion_mask"], [2, 4]
     grads, logps = [], []
     for prompt, r in ((out["prompt"], repeats), (M.expand_prompt(out["prompt"], repeats), 1)):
         model.zero_grad()
@@ -137,8 +157,10 @@ def test_shared_prompt_scoring_equals_the_per_row_forward(batch, vision_trained)
         logps.append(logp.detach() * mask)
         grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
     assert torch.allclose(logps[0], logps[1], atol=1e-5)
-    assert grads[0].keys() == grads[1].keys() and any("visual" in n for n in grads[0]) == vision_trained
-    for n in grads[0]:   # float32 sums in another order: equal to ~1e-7 of the tensor's scale, whatever the CPU
+    assert grads[0].keys() == grads[1].keys() and any("visual" in n
+                                                      for n in grads[0]) == vision_trained
+    # float32 sums in another order: equal to ~1e-7 of the tensor's scale, whatever the CPU
+    for n in grads[0]:
         scale = grads[1][n].abs().max()
         assert (grads[0][n] - grads[1][n]).abs().max() <= 1e-5 * scale + 1e-9, n
 
@@ -146,44 +168,50 @@ def test_shared_prompt_scoring_equals_the_per_row_forward(batch, vision_trained)
 def test_top_p_keeps_the_nucleus():
     logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05], [0.05, 0.15, 0.3, 0.5]]))
     torch.manual_seed(0)
-    draws = torch.stack([M._draw(logits, 1.0, 0.75) for _ in range(400)])             # nucleus: 0.5 + 0.3
+    draws = torch.stack([M._draw(logits, 1.0, 0.75) for _ in range(400)])  # nucleus: 0.5 + 0.3
     assert set(draws[:, 0].tolist()) == {0, 1} and set(draws[:, 1].tolist()) == {2, 3}
-    assert set(torch.stack([M._draw(logits, 1.0, 0.4) for _ in range(50)]).flatten().tolist()) <= {0, 3}  # the top one
+    # the top one
+    drawn = torch.stack([M._draw(logits, 1.0, 0.4) for _ in range(50)])
+    assert set(drawn.flatten().tolist()) <= {0, 3}
 
 
 def test_scoring_at_the_sampling_temperature_is_the_sampling_distribution(tiny, batch):
-    # GRPO samples at T = 0.7; the log-probs it scores (ratio, KL, entropy) must be those of the
-    # distribution generate() drew from: log_softmax(logits / T), not log_softmax(logits)
+    # GRPO samples at a temperature T (0.7 here); the log-probs it scores (ratio, KL, entropy)
+    # must be those of the distribution generate() drew from: log_softmax(logits / T)
     model, processor = tiny
     prompt = M.build_prompts(processor, *batch[:2])
     torch.manual_seed(0)
-    gen = model.generate(**prompt, max_new_tokens=10, do_sample=True, temperature=0.7, top_k=0, top_p=1.0,
-                         output_scores=True, return_dict_in_generate=True,
+    gen = model.generate(**prompt, max_new_tokens=10, do_sample=True, temperature=0.7, top_k=0,
+                         top_p=1.0, output_scores=True, return_dict_in_generate=True,
                          pad_token_id=processor.tokenizer.pad_token_id)
     ids = gen.sequences[:, prompt["input_ids"].shape[1]:]
     mask = M.completion_mask(ids, M.end_ids(model))
-    want = torch.stack([torch.log_softmax(s.float(), -1) for s in gen.scores], 1).gather(-1, ids[..., None])[..., 0]
+    logp = torch.stack([torch.log_softmax(s.float(), -1) for s in gen.scores], 1)
+    want = logp.gather(-1, ids[..., None])[..., 0]
     with torch.no_grad():
         got = M.completion_logprobs(model, prompt, ids, mask, temperature=0.7)
         at_one = M.completion_logprobs(model, prompt, ids, mask)
     assert torch.allclose(got * mask, want * mask, atol=1e-4)
-    assert not torch.allclose(at_one * mask, want * mask, atol=1e-2)     # T = 1 scores another policy
+    assert not torch.allclose(at_one * mask, want * mask, atol=1e-2)  # T = 1 scores another policy
 
 
 def test_sampler_ignores_the_checkpoints_generation_config(batch, tmp_path):
     # Qwen2.5-VL checkpoints ship repetition_penalty 1.05, top_k 1, top_p 0.001: generate() would
-    # fill every knob we do not pass from them. The sampler sets every knob, so the rollout is the same.
+    # fill every knob we do not pass from them. The sampler sets every knob, so the rollout is the
+    # same.
     images, questions, _ = batch
-    model, processor = M.load("tiny")
+    model, processor = pretrain.build()
     torch.manual_seed(0)
-    clean = M.sample(model, processor, images[:2], questions[:2], group_size=3, max_new_tokens=12, temperature=0.7)
-    model.generation_config.update(do_sample=True, repetition_penalty=1.05, top_k=1, top_p=0.001, no_repeat_ngram_size=2,
-                                   min_new_tokens=12, temperature=0.1)
+    clean = M.sample(model, processor, images[:2], questions[:2], group_size=3, max_new_tokens=12,
+                     temperature=0.7)
+    model.generation_config.update(do_sample=True, repetition_penalty=1.05, top_k=1, top_p=0.001,
+                                   no_repeat_ngram_size=2, min_new_tokens=12, temperature=0.1)
     run.save(model, processor, str(tmp_path))
     loaded, processor = M.load(str(tmp_path))
-    assert loaded.generation_config.repetition_penalty == 1.05                     # the checkpoint carries it
+    assert loaded.generation_config.repetition_penalty == 1.05  # the checkpoint carries it
     torch.manual_seed(0)
-    dirty = M.sample(loaded, processor, images[:2], questions[:2], group_size=3, max_new_tokens=12, temperature=0.7)
+    dirty = M.sample(loaded, processor, images[:2], questions[:2], group_size=3, max_new_tokens=12,
+                     temperature=0.7)
     assert torch.equal(clean["completion_ids"], dirty["completion_ids"])
     # and the knobs really do act when generate() is left to the checkpoint's config
     torch.manual_seed(0)
@@ -195,7 +223,7 @@ def test_sampler_ignores_the_checkpoints_generation_config(batch, tmp_path):
 def test_sampling_never_emits_a_vision_placeholder(batch):
     # make <|image_pad|> the likeliest next token everywhere: unsuppressed, a completion would hold
     # image tokens without image features, and scoring it would fail (the CI failure of session 9)
-    model, processor = M.load("tiny")
+    model, processor = pretrain.build()
     pad = processor.image_token_id
     with torch.no_grad():
         model.get_output_embeddings().weight[pad] *= 200.0
@@ -205,7 +233,8 @@ def test_sampling_never_emits_a_vision_placeholder(batch):
     vision = processor.tokenizer.convert_tokens_to_ids(M.VISION_TOKENS)
     assert pad in vision and not torch.isin(out["completion_ids"], torch.tensor(vision)).any()
     with torch.no_grad():
-        M.completion_logprobs(model, out["prompt"], out["completion_ids"], out["completion_mask"], repeats=2)
+        M.completion_logprobs(model, out["prompt"], out["completion_ids"], out["completion_mask"],
+                              repeats=2)
 
 
 def test_save_then_load_through_the_checkpoint_path(tiny, batch, tmp_path):
@@ -215,11 +244,14 @@ def test_save_then_load_through_the_checkpoint_path(tiny, batch, tmp_path):
     assert cfg["processor_class"] == "Qwen2_5_VLProcessor" and "video_processor" in cfg
     model2, processor2 = M.load(str(tmp_path))                      # the real-checkpoint branch
     images, questions, responses = batch
-    p1, p2 = M.build_prompts(processor, images, questions), M.build_prompts(processor2, images, questions)
-    assert torch.equal(p1["input_ids"], p2["input_ids"]) and torch.equal(p1["pixel_values"], p2["pixel_values"])
+    p1 = M.build_prompts(processor, images, questions)
+    p2 = M.build_prompts(processor2, images, questions)
+    assert torch.equal(p1["input_ids"], p2["input_ids"])
+    assert torch.equal(p1["pixel_values"], p2["pixel_values"])
     ids, mask = M.tokenize_completions(processor, responses, M.end_ids(model)[0])
     with torch.no_grad():
-        a, b = M.completion_logprobs(model, p1, ids, mask), M.completion_logprobs(model2, p2, ids, mask)
+        a = M.completion_logprobs(model, p1, ids, mask)
+        b = M.completion_logprobs(model2, p2, ids, mask)
     assert torch.equal(a, b)
 
 
@@ -229,9 +261,12 @@ def test_qwen2_vl_checkpoints_load_too(tiny, batch, tmp_path):
     ref, processor = tiny
     c = ref.config
     config = Qwen2VLConfig(
-        text_config=dict(M.TINY_TEXT, vocab_size=c.text_config.vocab_size, eos_token_id=c.text_config.eos_token_id,
-                         pad_token_id=c.text_config.pad_token_id, bos_token_id=c.text_config.bos_token_id),
-        vision_config=dict(depth=1, embed_dim=64, hidden_size=M.TINY_TEXT["hidden_size"], num_heads=2, patch_size=14),
+        text_config=dict(pretrain.TEXT, vocab_size=c.text_config.vocab_size,
+                         eos_token_id=c.text_config.eos_token_id,
+                         pad_token_id=c.text_config.pad_token_id,
+                         bos_token_id=c.text_config.bos_token_id),
+        vision_config=dict(depth=1, embed_dim=64, hidden_size=pretrain.TEXT["hidden_size"],
+                           num_heads=2, patch_size=14),
         image_token_id=c.image_token_id, video_token_id=c.video_token_id,
         vision_start_token_id=c.vision_start_token_id, vision_end_token_id=c.vision_end_token_id)
     model = Qwen2VLForConditionalGeneration(config)
@@ -241,7 +276,8 @@ def test_qwen2_vl_checkpoints_load_too(tiny, batch, tmp_path):
     assert type(loaded).__name__ == "Qwen2VLForConditionalGeneration"
     out = M.sample(loaded, proc, batch[0][:1], batch[1][:1], group_size=2, max_new_tokens=4)
     with torch.no_grad():
-        lp = M.completion_logprobs(loaded, out["prompt"], out["completion_ids"], out["completion_mask"], repeats=2)
+        lp = M.completion_logprobs(loaded, out["prompt"], out["completion_ids"],
+                                   out["completion_mask"], repeats=2)
     assert lp.shape == out["completion_ids"].shape and torch.isfinite(lp).all()
 
 
@@ -256,27 +292,29 @@ def test_memory_plan_flags_change_memory_not_maths():
     optimizer; --grad-checkpointing recomputes activations yet gives the same gradients."""
     from dataclasses import replace
     import sft
-    plan = lambda **k: replace(run.MemoryFlags(), **k)  # noqa: E731
-    model, processor = M.load("tiny")
-    assert M.image_frame(processor, 224) == 112                      # tiny: 224-px GEMeX boxes land in 112
-    run.apply_memory_plan(model, processor, plan(max_pixels=56 * 56))
+    plan = lambda **k: replace(memory.MemoryFlags(), **k)  # noqa: E731
+    model, processor = pretrain.build()
+    assert M.image_frame(processor, 224) == 112  # tiny: 224-px GEMeX boxes land in 112
+    memory.apply_memory_plan(model, processor, plan(max_pixels=56 * 56))
     assert M.image_frame(processor, 224) == 56
     s = data.make_sample("test", 0)
     small = s["image"].resize((56, 56))
-    assert int((M.build_prompts(processor, [small], ["q"])["input_ids"] == processor.image_token_id).sum()) == 4
-    with pytest.raises(AssertionError, match="another frame"):      # a 112 image would be resized: refused
+    ids = M.build_prompts(processor, [small], ["q"])["input_ids"]
+    assert int((ids == processor.image_token_id).sum()) == 4
+    # a 112 image would be resized: refused
+    with pytest.raises(AssertionError, match="another frame"):
         M.build_prompts(processor, [s["image"]], ["q"])
 
-    model, processor = M.load("tiny")
-    run.apply_memory_plan(model, processor, plan(freeze_vision=True))
+    model, processor = pretrain.build()
+    memory.apply_memory_plan(model, processor, plan(freeze_vision=True))
     groups = sft.param_groups(model, sft.SFTConfig())
     trained = {id(p) for g in groups for p in g["params"]}
     assert not trained & {id(p) for p in model.model.visual.parameters()} and trained
 
     def grads(checkpointing):
         torch.manual_seed(0)
-        m, p = M.load("tiny")
-        run.apply_memory_plan(m, p, plan(grad_checkpointing=checkpointing))
+        m, p = pretrain.build()
+        memory.apply_memory_plan(m, p, plan(grad_checkpointing=checkpointing))
         m.train()
         prompt = M.build_prompts(p, [s["image"]], [s["question"]])
         ids, mask = M.tokenize_completions(p, [s["response"]], M.end_ids(m)[0])
@@ -287,10 +325,12 @@ def test_memory_plan_flags_change_memory_not_maths():
 
 def test_a_processor_with_a_larger_budget_still_reads_the_synthetic_set():
     """A real Qwen2.5-VL processor sees GEMeX films at 224 px, but the synthetic set is drawn at
-    112: it must load as drawn, and its images reach the model unresized (boxes keep their frame)."""
+    112: it must load as drawn, and its images reach the model unresized (boxes keep their
+    frame)."""
     from transformers.image_utils import SizeDict
-    _, processor = M.load("tiny")
-    processor.image_processor.size = SizeDict(shortest_edge=56 * 56, longest_edge=28 * 28 * 1280)  # Qwen's defaults
+    _, processor = pretrain.build()
+    # Qwen's defaults
+    processor.image_processor.size = SizeDict(shortest_edge=56 * 56, longest_edge=28 * 28 * 1280)
     frame = M.image_frame(processor, data.GEMEX_FRAME)
     assert frame == 224
     rows = data.load("validation", 2, data.DataFlags(data="synthetic"), frame=frame)[:]
@@ -300,7 +340,7 @@ def test_a_processor_with_a_larger_budget_still_reads_the_synthetic_set():
 
 
 def test_sample_generates_in_eval_mode_and_restores_the_mode():
-    model, processor = M.load("tiny")
+    model, processor = pretrain.build()
     s = data.make_sample("test", 0)
     seen = []
     hook = model.register_forward_pre_hook(lambda m, a: seen.append(m.training))
@@ -313,7 +353,8 @@ def test_sample_generates_in_eval_mode_and_restores_the_mode():
 
 
 def test_parse_config_flags(monkeypatch):
-    """Flags come from the dataclass: dashes for underscores, bools bare or spelled out, bad values refused."""
+    """Flags come from the dataclass: dashes for underscores, bools bare or spelled out, bad values
+    refused."""
     from dataclasses import dataclass
 
     @dataclass
@@ -333,19 +374,20 @@ def test_parse_config_flags(monkeypatch):
         parse("--resume", "maybe")
 
 
-# ----------------------------------------------------------------------------- LoRA and bf16 weights
-LORA = run.MemoryFlags(lora_r=4, lora_alpha=8.0)
+# ---------------------------------------------------------------------------- LoRA and bf16 weights
+LORA = memory.MemoryFlags(lora_r=4, lora_alpha=8.0)
 
 
 def _lora_trained(batch, steps=3):
-    """The tiny model with LoRA adapters after a few SFT steps; returns (model, processor, base weights)."""
-    model, processor = M.load("tiny")
+    """The tiny model with LoRA adapters after a few SFT steps -> (model, processor, weights)"""
+    model, processor = pretrain.build()
     base = {k: v.clone() for k, v in model.state_dict().items()}
-    run.apply_memory_plan(model, processor, LORA)
+    memory.apply_memory_plan(model, processor, LORA)
     images, questions, responses = batch
     prompt = M.build_prompts(processor, images, questions)
     ids, mask = M.tokenize_completions(processor, responses, M.end_ids(model)[0])
-    opt = run.adamw([p for p in model.parameters() if p.requires_grad], lr=1e-2, betas=(0.9, 0.99))
+    trained = [p for p in model.parameters() if p.requires_grad]
+    opt = memory.adamw(trained, lr=1e-2, betas=(0.9, 0.99))
     for _ in range(steps):
         (-(M.completion_logprobs(model, prompt, ids, mask) * mask).sum() / mask.sum()).backward()
         opt.step()
@@ -358,30 +400,31 @@ def test_lora_trains_the_adapters_and_not_the_base(batch, tmp_path):
     model, _, base, _ = _lora_trained(batch)
     trained = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trained and all("lora_" in n for n in trained)
-    assert not any(".visual." in n for n in trained)                      # the vision tower is frozen unless asked
+    assert not any(".visual." in n for n in trained)  # the vision tower is frozen unless asked
     assert all(p.dtype == torch.float32 for n, p in model.named_parameters() if n in trained)
-    assert any(p.abs().sum() > 0 for n, p in model.named_parameters() if "lora_B" in n)   # B starts at 0 and moved
-    run.save_merged(model, str(tmp_path))
+    assert any(p.abs().sum() > 0 for n, p in model.named_parameters()
+               if "lora_B" in n)  # B starts at 0 and moved
+    memory.save_merged(model, str(tmp_path))
     merged = load_file(str(tmp_path / "model.safetensors"))
-    assert set(merged) == set(base) - {"lm_head.weight"}                  # tied to the embedding: not written
-    for name, t in merged.items():                                        # merged weights differ only where adapted
-        adapted = any(name == f"{n}.weight" for n, _ in run.lora_layers(model))
+    assert set(merged) == set(base) - {"lm_head.weight"}  # tied to the embedding: not written
+    for name, t in merged.items():  # merged weights differ only where adapted
+        adapted = any(name == f"{n}.weight" for n, _ in memory.lora_layers(model))
         assert torch.equal(t, base[name]) != adapted, name
-    for name, p in model.named_parameters():                             # the frozen base never moved
+    for name, p in model.named_parameters():  # the frozen base never moved
         if "lora_" not in name:
             assert torch.equal(p, base[name.replace(".base_layer.", ".")]), name
 
 
 def test_lora_with_adapters_off_is_the_base_model_exactly(batch):
     model, _, base, (prompt, ids, mask) = _lora_trained(batch)
-    plain, _ = M.load("tiny")
+    plain, _ = pretrain.build()
     with torch.no_grad():
         want = M.completion_logprobs(plain, prompt, ids, mask)
-        with run.adapters_off(model):
+        with memory.adapters_off(model):
             got = M.completion_logprobs(model, prompt, ids, mask)
         on = M.completion_logprobs(model, prompt, ids, mask)
     assert torch.equal(got, want)
-    assert not torch.allclose(on, want, atol=1e-3)                        # and on, the adapters do act
+    assert not torch.allclose(on, want, atol=1e-3)  # and on, the adapters do act
 
 
 def test_a_merged_lora_save_loads_in_plain_transformers(batch, tmp_path):
@@ -406,13 +449,15 @@ def test_bf16_adamw_moves_the_weights_as_float32_does_at_lr_1e_6():
     for name in ("float32", "bf16 nearest", "bf16 stochastic"):
         p = torch.nn.Parameter(w0.clone() if name == "float32" else w0.to(torch.bfloat16))
         start = p.detach().float().clone()
-        opt = torch.optim.AdamW([p], lr=1e-6, weight_decay=0.0) if name != "bf16 stochastic" else run.adamw([p], 1e-6, (0.9, 0.999))
-        assert isinstance(opt, run.StochasticAdamW) == (name == "bf16 stochastic")
+        opt = (torch.optim.AdamW([p], lr=1e-6, weight_decay=0.0) if name != "bf16 stochastic"
+               else memory.adamw([p], 1e-6, (0.9, 0.999)))
+        assert isinstance(opt, memory.StochasticAdamW) == (name == "bf16 stochastic")
         g = torch.Generator().manual_seed(1)
         for _ in range(100):
             p.grad = (direction * (1 + 0.1 * torch.randn(8192, generator=g))).to(p.dtype)
             opt.step()
-        moved[name] = float(((start - p.detach().float()) * direction).mean())   # mean step along the gradient
-    assert moved["float32"] == pytest.approx(1e-4, rel=0.05)               # ~lr per step for 100 steps
+        # mean step along the gradient
+        moved[name] = float(((start - p.detach().float()) * direction).mean())
+    assert moved["float32"] == pytest.approx(1e-4, rel=0.05)  # ~lr per step for 100 steps
     assert moved["bf16 nearest"] < 0.1 * moved["float32"]                   # the pitfall this fixes
     assert moved["bf16 stochastic"] == pytest.approx(moved["float32"], rel=0.10)

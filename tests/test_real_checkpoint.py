@@ -14,7 +14,10 @@ from PIL import Image
 
 import data
 import gemex
+import credit
 import grpo
+import pretrain
+import memory
 import model as M
 import run
 
@@ -38,19 +41,23 @@ def test_the_hub_layout_loads_as_qwen_ships_it(lookalike):
     model, proc = M.load(lookalike)
     tok = proc.tokenizer
     assert (len(tok), model.get_output_embeddings().weight.shape[0]) == (Q.N_TOKENS, Q.VOCAB)
-    assert M.end_ids(model) == [Q.ID["<|im_end|>"], Q.ID["<|endoftext|>"]] and tok.pad_token_id == Q.ID["<|endoftext|>"]
-    assert model.generation_config.repetition_penalty == 1.05                # what sample() must not apply
+    assert M.end_ids(model) == [Q.ID["<|im_end|>"], Q.ID["<|endoftext|>"]]
+    assert tok.pad_token_id == Q.ID["<|endoftext|>"]
+    assert model.generation_config.repetition_penalty == 1.05  # what sample() must not apply
     assert M.image_frame(proc, data.GEMEX_FRAME) == 224 and tok.padding_side == "left"
     prompt = M.build_prompts(proc, *_samples())
-    assert int((prompt["input_ids"] == Q.ID["<|image_pad|>"]).sum()) == 2 * 16     # a 112-px film: 16 tokens
+    # a 112-px film: 16 tokens
+    assert int((prompt["input_ids"] == Q.ID["<|image_pad|>"]).sum()) == 2 * 16
 
 
 def test_a_224_px_film_is_64_image_tokens_through_window_attention(lookalike):
     model, proc = M.load(lookalike)
-    assert model.config.vision_config.window_size == 112 and model.config.vision_config.fullatt_block_indexes == [1]
+    assert model.config.vision_config.window_size == 112
+    assert model.config.vision_config.fullatt_block_indexes == [1]
     s = data.make_sample("test", 0, frame=224)
     out = M.sample(model, proc, [s["image"]], [s["question"]], group_size=2, max_new_tokens=3)
-    assert int((out["prompt"]["input_ids"] == proc.image_token_id).sum()) == 64   # a group of 2 shares one prompt
+    # a group of 2 shares one prompt
+    assert int((out["prompt"]["input_ids"] == proc.image_token_id).sum()) == 64
 
 
 def test_the_sampler_never_draws_past_the_tokenizer_nor_a_special_token(lookalike, monkeypatch):
@@ -62,13 +69,14 @@ def test_the_sampler_never_draws_past_the_tokenizer_nor_a_special_token(lookalik
     assert (ids < Q.N_TOKENS).all() and not any(i in specials for i in ids.flatten().tolist())
     # the finding: a sampler that bans only the vision tokens draws the 271 ids past the tokenizer
     vision = proc.tokenizer.convert_tokens_to_ids(M.VISION_TOKENS)
-    monkeypatch.setattr(M, "text_support", lambda m, t: ~torch.isin(torch.arange(Q.VOCAB), torch.tensor(vision)))
+    monkeypatch.setattr(M, "text_support", lambda m,
+                        t: ~torch.isin(torch.arange(Q.VOCAB), torch.tensor(vision)))
     torch.manual_seed(0)
     old = M.sample(model, proc, images, questions, 8, 12)["completion_ids"]
     assert (old >= Q.N_TOKENS).sum() > 10
     # and a table grpo.py indexes by token id covers every row of the embedding
-    pieces = grpo.token_pieces(proc.tokenizer, Q.VOCAB)
-    assert len(pieces) == Q.VOCAB and grpo.digit_tokens(pieces)[old].shape == old.shape
+    pieces = credit.token_pieces(proc.tokenizer, Q.VOCAB)
+    assert len(pieces) == Q.VOCAB and credit.digit_tokens(pieces)[old].shape == old.shape
 
 
 def test_lora_bf16_checkpointed_sft_then_grpo_with_a_reference_then_evaluate(lookalike, tmp_path):
@@ -76,31 +84,42 @@ def test_lora_bf16_checkpointed_sft_then_grpo_with_a_reference_then_evaluate(loo
     from transformers import AutoModelForImageTextToText
     sft_out, grpo_out = tmp_path / "sft", tmp_path / "grpo"
     small = ["--eval-n", "2", "--train-size", "8"]
-    r = subprocess.run([sys.executable, "sft.py", "--model", lookalike, "--lora-r", "4", "--dtype", "bfloat16",
-                        "--grad-checkpointing", "--max-steps", "2", "--batch-size", "2", "--eval-every", "0",
-                        "--save-every", "1", "--out", str(sft_out), *small], capture_output=True, text=True)
+    r = subprocess.run([sys.executable, "sft.py", "--model", lookalike, "--lora-r", "4", "--dtype",
+                        "bfloat16",
+                        "--grad-checkpointing", "--max-steps", "2", "--batch-size", "2",
+                        "--eval-every", "0",
+                        "--save-every", "1", "--out", str(sft_out), *small], capture_output=True,
+                        text=True)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "warning: --lr 0.002 is the tiny model's default" in r.stdout           # finding 7
-    (ckpt,) = run.list_checkpoints(str(sft_out))                                    # step 1 (keep 2, 1 periodic)
+    (ckpt,) = run.list_checkpoints(str(sft_out))  # step 1 (keep 2, 1 periodic)
     assert not list(Path(ckpt).glob("*.safetensors")) and (Path(ckpt) / "trainer_state.pt").exists()
-    merged = AutoModelForImageTextToText.from_pretrained(str(sft_out))              # finding 2: merged, plain
+    merged = AutoModelForImageTextToText.from_pretrained(str(sft_out))  # finding 2: merged, plain
     assert not any("lora" in n for n in merged.state_dict())
-    r = subprocess.run([sys.executable, "grpo.py", "--init", str(sft_out), "--lora-r", "4", "--dtype", "bfloat16",
-                        "--beta", "0.04", "--max-steps", "1", "--prompts", "2", "--group-size", "2", "--lr", "1e-5",
-                        "--max-new-tokens", "8", "--eval-every", "0", "--out", str(grpo_out), *small],
+    r = subprocess.run([sys.executable, "grpo.py", "--init", str(sft_out), "--lora-r", "4",
+                        "--dtype", "bfloat16",
+                        "--beta", "0.04", "--max-steps", "1", "--prompts", "2", "--group-size", "2",
+                        "--lr", "1e-5",
+                        "--max-new-tokens", "8", "--eval-every", "0", "--out", str(grpo_out),
+                        *small],
                        capture_output=True, text=True)
-    assert r.returncode == 0, r.stderr[-3000:]                                     # finding 1: crashed at step 1
+    assert r.returncode == 0, r.stderr[-3000:]  # finding 1: crashed at step 1
     assert "warning" not in r.stdout
-    r = subprocess.run([sys.executable, "evaluate.py", "--checkpoint", str(grpo_out), "--split", "validation",
-                        "--n", "2", "--max-new-tokens", "6", "--gallery", ""], capture_output=True, text=True)
+    r = subprocess.run([sys.executable, "evaluate.py", "--checkpoint", str(grpo_out), "--split",
+                        "validation",
+                        "--n", "2", "--max-new-tokens", "6", "--gallery", ""], capture_output=True,
+                        text=True)
     assert r.returncode == 0, r.stderr[-3000:]
 
 
 def test_full_bf16_reference_has_zero_kl_before_the_first_update(lookalike, tmp_path):
     out = tmp_path / "grpo"
-    r = subprocess.run([sys.executable, "grpo.py", "--init", lookalike, "--dtype", "bfloat16", "--beta", "0.1",
-                        "--max-steps", "1", "--prompts", "2", "--group-size", "2", "--max-new-tokens", "6",
-                        "--lr", "1e-6", "--eval-every", "0", "--eval-n", "2", "--train-size", "8", "--out", str(out)],
+    r = subprocess.run([sys.executable, "grpo.py", "--init", lookalike, "--dtype", "bfloat16",
+                        "--beta", "0.1",
+                        "--max-steps", "1", "--prompts", "2", "--group-size", "2",
+                        "--max-new-tokens", "6",
+                        "--lr", "1e-6", "--eval-every", "0", "--eval-n", "2", "--train-size", "8",
+                        "--out", str(out)],
                        capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-3000:]
     (line,) = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
@@ -119,9 +138,11 @@ def test_log_probs_keep_no_float32_copy_of_the_logits_for_backward(lookalike, mo
         with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
             logp = M.completion_logprobs(model, prompt, ids, mask, repeats=2)      # [4, 70]
         big = [t for t in saved if t.dim() == 3 and t.shape[-1] == Q.VOCAB]
-        assert big and all(t.dtype == torch.bfloat16 for t in big)                  # finding 4: no float32 [N, T, V]
+        assert big and all(t.dtype == torch.bfloat16
+                           for t in big)  # finding 4: no float32 [N, T, V]
         (logp * mask).sum().backward()
-        result[chunk] = logp.detach(), [p.grad.clone() for p in model.parameters() if p.grad is not None]
+        result[chunk] = logp.detach(), [p.grad.clone() for p in model.parameters()
+                                        if p.grad is not None]
     (a, ga), (b, gb) = result.values()
     assert torch.equal(a, b) and torch.isfinite(a).all()
     assert all(torch.allclose(x.float(), y.float(), rtol=1e-2, atol=1e-6) for x, y in zip(ga, gb))
@@ -130,14 +151,15 @@ def test_log_probs_keep_no_float32_copy_of_the_logits_for_backward(lookalike, mo
 def test_bf16_adamw_updates_a_tensor_in_bounded_slices(monkeypatch):
     torch.manual_seed(0)
     w0, g = torch.randn(1000), torch.randn(1000)
-    out, update = {}, run.StochasticAdamW._update
+    out, update = {}, memory.StochasticAdamW._update
     for slice_ in (10 ** 9, 128):
-        monkeypatch.setattr(run.StochasticAdamW, "SLICE", slice_)
+        monkeypatch.setattr(memory.StochasticAdamW, "SLICE", slice_)
         sizes = []
-        monkeypatch.setattr(run.StochasticAdamW, "_update", staticmethod(lambda p, *a: sizes.append(p.numel())
+        monkeypatch.setattr(memory.StochasticAdamW, "_update",
+                            staticmethod(lambda p, *a: sizes.append(p.numel())
                                                                         or update(p, *a)))
-        p = torch.nn.Parameter(w0.clone())                   # float32: the update is exact, so comparable
-        opt = run.StochasticAdamW([p], lr=1e-2)
+        p = torch.nn.Parameter(w0.clone())  # float32: the update is exact, so comparable
+        opt = memory.StochasticAdamW([p], lr=1e-2)
         for _ in range(3):
             p.grad = g.clone()
             opt.step()
@@ -150,12 +172,12 @@ def test_checkpointing_leaves_a_frozen_vision_tower_out_of_backward():
     grads, tower_grad = {}, {}
     images, questions = _samples()
     for ckpt in (False, True):
-        model, proc = M.load("tiny")
-        run.apply_memory_plan(model, proc, run.MemoryFlags(lora_r=4, grad_checkpointing=ckpt))
+        model, proc = pretrain.build()
+        memory.apply_memory_plan(model, proc, memory.MemoryFlags(lora_r=4, grad_checkpointing=ckpt))
         model.train()
-        model.model.visual.register_forward_hook(lambda m, a, out: tower_grad.update({ckpt: out.pooler_output.requires_grad
-                                                                                       if hasattr(out, "pooler_output")
-                                                                                       else out.requires_grad}))
+        def hook(module, args, out):
+            tower_grad[ckpt] = getattr(out, "pooler_output", out).requires_grad
+        model.model.visual.register_forward_hook(hook)
         prompt = M.build_prompts(proc, images, questions)
         ids, mask = M.tokenize_completions(proc, ["<answer>yes</answer>"] * 2, M.end_ids(model)[0])
         (-(M.completion_logprobs(model, prompt, ids, mask) * mask).sum()).backward()
@@ -168,17 +190,18 @@ def test_checkpointing_leaves_a_frozen_vision_tower_out_of_backward():
 def test_a_merged_save_keeps_a_small_update_in_bf16_and_streams_in_shards(tmp_path):
     from safetensors.torch import load_file
     from transformers import AutoModelForImageTextToText
-    model, proc = M.load("tiny", dtype=torch.bfloat16)
-    run.apply_memory_plan(model, proc, run.MemoryFlags(lora_r=4))
-    name, layer = run.lora_layers(model)[0]
-    with torch.no_grad():            # an update of 1e-5 on every weight: below bf16's resolution (~1e-4 here)
+    model, proc = pretrain.build(dtype=torch.bfloat16)
+    memory.apply_memory_plan(model, proc, memory.MemoryFlags(lora_r=4))
+    name, layer = memory.lora_layers(model)[0]
+    with torch.no_grad():  # an update of 1e-5 on every weight: below bf16's resolution (~1e-4 here)
         layer.lora_A["default"].weight.fill_(1.0)
-        layer.lora_B["default"].weight.fill_(1e-5 / (layer.scaling["default"] * layer.lora_A["default"].weight.shape[0]))
+        rank = layer.lora_A["default"].weight.shape[0]
+        layer.lora_B["default"].weight.fill_(1e-5 / (layer.scaling["default"] * rank))
     base = layer.base_layer.weight.detach().float().clone()
-    run.save_merged(model, str(tmp_path / "one"))
+    memory.save_merged(model, str(tmp_path / "one"))
     w = load_file(str(tmp_path / "one" / "model.safetensors"))[name + ".weight"].float()
-    assert (w - base).mean().item() == pytest.approx(1e-5, rel=0.1)                # rounding to nearest: ~0
-    run.save_merged(model, str(tmp_path / "sharded"), shard_bytes=200_000)
+    assert (w - base).mean().item() == pytest.approx(1e-5, rel=0.1)  # rounding to nearest: ~0
+    memory.save_merged(model, str(tmp_path / "sharded"), shard_bytes=200_000)
     index = json.loads((tmp_path / "sharded" / "model.safetensors.index.json").read_text())
     assert len(set(index["weight_map"].values())) > 3
     a = AutoModelForImageTextToText.from_pretrained(str(tmp_path / "one"))
@@ -203,38 +226,46 @@ def _gemex_file(tmp, splits, response, n_rows=48):
         rows += [dict(image_path=p, question="Is there a nodule in the left lower lung zone?",
                       question_type="closed_ended_questions", response=response)] * 4
     datasets.Dataset.from_list(rows).to_parquet(str(Path(tmp) / "small.parquet"))
-    return ["--data", "gemex", "--data-path", str(Path(tmp) / "small.parquet"), "--image-root", str(root)]
+    return ["--data", "gemex", "--data-path", str(Path(tmp) / "small.parquet"), "--image-root",
+            str(root)]
 
 
 SHORT = "<think>The left lower lung zone [120, 130, 200, 190] is clear.</think><answer>no</answer>"
 
 
 def test_a_small_real_file_without_validation_or_test_images(tmp_path):
-    flags = _gemex_file(tmp_path, ("train",), SHORT)                             # finding 9: a course's subset
+    flags = _gemex_file(tmp_path, ("train",), SHORT)  # finding 9: a course's subset
     out = tmp_path / "sft"
-    r = subprocess.run([sys.executable, "sft.py", "--max-steps", "1", "--batch-size", "4", "--out", str(out), *flags],
+    r = subprocess.run([sys.executable, "sft.py", "--max-steps", "1", "--batch-size", "4", "--out",
+                        str(out), *flags],
                        capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-2000:]
     assert "no validation rows: in-training validation skipped" in r.stdout
-    r = subprocess.run([sys.executable, "evaluate.py", "--checkpoint", str(out), *flags], capture_output=True, text=True)
+    r = subprocess.run([sys.executable, "evaluate.py", "--checkpoint", str(out), *flags],
+                       capture_output=True, text=True)
     last = r.stderr.strip().splitlines()[-1]
     assert r.returncode != 0 and "Traceback" not in r.stderr
     assert "the test split of" in last and "is empty" in last and "--split train" in last
-    r = subprocess.run([sys.executable, "evaluate.py", "--checkpoint", str(out), "--split", "train", "--n", "4",
-                        "--max-new-tokens", "4", "--gallery", "", *flags], capture_output=True, text=True)
+    r = subprocess.run([sys.executable, "evaluate.py", "--checkpoint", str(out), "--split", "train",
+                        "--n", "4",
+                        "--max-new-tokens", "4", "--gallery", "", *flags], capture_output=True,
+                        text=True)
     assert r.returncode == 0, r.stderr[-2000:]
 
 
 def test_validation_decodes_as_far_as_the_data_needs(lookalike, tmp_path):
     # GEMeX traces run to ~100 words with boxes: a reasoning of ~300 tokens here. The budget
     # sized from the references must reach in-training validation too (it stopped at 160)
-    long = "<think>" + " ".join(["The left lower lung zone [120, 130, 200, 190] is clear."] * 12) + "</think><answer>no</answer>"
+    said = " ".join(["The left lower lung zone [120, 130, 200, 190] is clear."] * 12)
+    long = f"<think>{said}</think><answer>no</answer>"
     flags = _gemex_file(tmp_path, ("train", "validation"), long, n_rows=400)
     out = tmp_path / "sft"
-    r = subprocess.run([sys.executable, "sft.py", "--model", lookalike, "--lr", "1e-5", "--max-steps", "1",
-                        "--batch-size", "2", "--eval-n", "2", "--train-size", "8", "--out", str(out), *flags],
+    r = subprocess.run([sys.executable, "sft.py", "--model", lookalike, "--lr", "1e-5",
+                        "--max-steps", "1",
+                        "--batch-size", "2", "--eval-n", "2", "--train-size", "8", "--out",
+                        str(out), *flags],
                        capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-2000:]
     budget = int(r.stdout.split("generation budget ")[1].split()[0])
     (line,) = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
-    assert budget > 300 and line["val_length"] == budget                          # finding 3: was 160
+    assert budget > 300 and line["val_length"] == budget  # finding 3: was 160

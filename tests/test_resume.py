@@ -11,21 +11,24 @@ import time
 import pytest
 import torch
 
+import pretrain
 import model as M
 import run
 
-SFT = ["sft.py", "--max-steps", "10", "--batch-size", "4", "--train-size", "24", "--eval-every", "0",
-       "--eval-n", "2", "--save-every", "2", "--keep", "2", "--tower-steps", "2", "--reading-steps", "2"]
-TIMING = {"elapsed_s", "time_generate", "time_score", "time_reference", "time_train"}
+SFT = ["sft.py", "--max-steps", "10", "--batch-size", "4", "--train-size", "24", "--eval-every",
+       "0", "--eval-n", "2", "--save-every", "2", "--keep", "2"]
+TIMING = {"elapsed_s", "time_generate", "time_score", "time_ref", "time_train"}
 
 
 def _run(args, out, **kw):
-    return subprocess.run([sys.executable, *args, "--out", str(out)], capture_output=True, text=True, **kw)
+    return subprocess.run([sys.executable, *args, "--out", str(out)], capture_output=True,
+                          text=True, **kw)
 
 
 def _kill_after_first_checkpoint(args, out):
     """Start a run, SIGKILL it as soon as its first periodic checkpoint is complete."""
-    p = subprocess.Popen([sys.executable, *args, "--out", str(out)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    p = subprocess.Popen([sys.executable, *args, "--out", str(out)], stdout=subprocess.DEVNULL,
+                         stderr=subprocess.PIPE)
     deadline = time.time() + 120
     while not run.list_checkpoints(str(out)) and p.poll() is None and time.time() < deadline:
         time.sleep(0.02)
@@ -40,7 +43,8 @@ def _same_run(a, b):
         assert torch.allclose(wa[k], wb[k], atol=1e-5), k
     la = [json.loads(x) for x in (a / "metrics.jsonl").read_text().splitlines()]
     lb = [json.loads(x) for x in (b / "metrics.jsonl").read_text().splitlines()]
-    assert [x["step"] for x in la] == [x["step"] for x in lb] == list(range(1, len(la) + 1))  # none repeated or skipped
+    # none repeated or skipped
+    assert [x["step"] for x in la] == [x["step"] for x in lb] == list(range(1, len(la) + 1))
     for x, y in zip(la, lb):
         for k in x.keys() - TIMING:
             assert x[k] == pytest.approx(y[k], rel=1e-4, abs=1e-6), (x["step"], k)
@@ -59,13 +63,16 @@ def test_sft_killed_and_resumed_equals_uninterrupted(tmp_path):
 @pytest.mark.parametrize("lora", [[], ["--lora-r", "4", "--beta", "0.1"]], ids=["full", "lora"])
 def test_grpo_killed_and_resumed_equals_uninterrupted(tmp_path, lora):
     init = tmp_path / "init"
-    run.save(*M.load("tiny"), str(init))
+    run.save(*pretrain.build(), str(init))
     # weight decay moves the weights every step even when a random-init model's groups have equal
-    # rewards, so the sampled rollouts (and their lengths, entropies) depend on every restored piece;
-    # under LoRA the resumed run rebuilds the frozen init and loads the adapters from the checkpoint
-    args = ["grpo.py", "--init", str(init), "--max-steps", "6", "--prompts", "2", "--group-size", "2",
+    # rewards, so the sampled rollouts (and their lengths, entropies) depend on every restored
+    # piece; under LoRA the resumed run rebuilds the frozen init and loads the adapters from the
+    # checkpoint
+    args = ["grpo.py", "--init", str(init), "--max-steps", "6", "--prompts", "2", "--group-size",
+            "2",
             "--max-new-tokens", "8", "--eval-every", "0", "--eval-n", "2", "--train-size", "16",
-            "--save-every", "2", "--weight-decay", "0.5", "--lr", "1e-2", "--warmup-steps", "1", *lora]
+            "--save-every", "2", "--weight-decay", "0.5", "--lr", "1e-2", "--warmup-steps", "1",
+            *lora]
     whole, killed = tmp_path / "whole", tmp_path / "killed"
     r = _run(args, whole)
     assert r.returncode == 0, r.stderr[-2000:]
@@ -84,7 +91,7 @@ def test_resume_with_nothing_to_resume_starts_at_step_0(tmp_path):
 
 
 def test_a_save_killed_before_its_rename_leaves_the_previous_checkpoint(tmp_path, monkeypatch):
-    model, processor = M.load("tiny")
+    model, processor = pretrain.build()
     run.save_checkpoint(str(tmp_path), 2, model, processor, {"optimizer": {}, "order": [1, 2]})
 
     def killed(tmp):
@@ -95,14 +102,15 @@ def test_a_save_killed_before_its_rename_leaves_the_previous_checkpoint(tmp_path
     with pytest.raises(KeyboardInterrupt):
         run.save_checkpoint(str(tmp_path), 4, model, processor, {"optimizer": {}, "order": [2]})
     found = run.list_checkpoints(str(tmp_path))
-    assert [os.path.basename(f) for f in found] == ["step_000002"]           # the half-written one is ignored
+    assert [os.path.basename(f)
+            for f in found] == ["step_000002"]  # the half-written one is ignored
     assert run.load_state(found[0])["step"] == 2
     loaded, _ = M.load(found[0])
-    assert not torch.equal(loaded.lm_head.weight, model.lm_head.weight)      # the old weights, intact
+    assert not torch.equal(loaded.lm_head.weight, model.lm_head.weight)  # the old weights, intact
 
 
 def test_a_full_disk_is_one_line_and_the_previous_checkpoint_survives(tmp_path, monkeypatch):
-    model, processor = M.load("tiny")
+    model, processor = pretrain.build()
     run.save_checkpoint(str(tmp_path), 2, model, processor, {"optimizer": {}})
 
     def full(tmp):
@@ -116,7 +124,8 @@ def test_a_full_disk_is_one_line_and_the_previous_checkpoint_survives(tmp_path, 
 
 def test_ctrl_c_saves_and_says_how_to_resume(tmp_path):
     out = tmp_path / "run"
-    p = subprocess.Popen([sys.executable, *SFT[:2], "400", *SFT[3:], "--save-every", "0", "--out", str(out)],
+    p = subprocess.Popen([sys.executable, *SFT[:2], "400", *SFT[3:], "--save-every", "0", "--out",
+                          str(out)],
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120
     while time.time() < deadline and p.poll() is None:

@@ -9,23 +9,26 @@ import data
 import reward
 
 TAGS = ["<think>", "</think>", "<answer>", "</answer>", "<think", "answer>", "</", "<<", ">>"]
-PIECES = TAGS + ["[", "]", ",", " ", "-", ".", "0", "7", "112", "99999999999999999999", "1e309", "nan",
-                 "left lower lung zone", "A", "B, C", "yes", "no", "none", "\n", "\x00", "é", "🫁"]
+PIECES = TAGS + ["[", "]", ",", " ", "-", ".", "0", "7", "112", "99999999999999999999", "1e309",
+                 "nan", "left lower lung zone", "A", "B, C", "yes", "no", "none", "\n", "\x00",
+                 "é", "🫁"]
 REF = data.make_sample("test", 3)["response"]
 
 # near-miss ThinkVG: pieces that look like the format, nested and repeated tags, huge numbers
-near_miss = st.lists(st.sampled_from(PIECES) | st.integers(-10**30, 10**30).map(str), max_size=60).map("".join)
-box = st.lists(st.integers(-10**12, 10**12) | st.floats(allow_nan=True, allow_infinity=True), min_size=0,
-               max_size=6).map(lambda v: "[" + ", ".join(map(str, v)) + "]")
+near_miss = st.lists(st.sampled_from(PIECES) | st.integers(-10**30, 10**30).map(str),
+                     max_size=60).map("".join)
+box = st.lists(st.integers(-10**12, 10**12) | st.floats(allow_nan=True, allow_infinity=True),
+               min_size=0, max_size=6).map(lambda v: "[" + ", ".join(map(str, v)) + "]")
 structured = st.tuples(st.text(max_size=30), box, st.text(max_size=10), st.sampled_from(TAGS)).map(
     lambda t: f"<think>The {t[0]} {t[1]} is clear.{t[3]}</think><answer>{t[2]}</answer>")
 anything = st.text(max_size=400) | near_miss | structured
 
 
 @settings(max_examples=3000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(anything, st.sampled_from(data.QUESTION_TYPES), st.sampled_from([None, (112, 112), (224, 224)]))
-def test_every_component_is_a_float_in_unit_interval(text, qtype, frame):
-    out = reward.score(text, REF, qtype, frame=frame)
+@given(anything, st.sampled_from(data.QUESTION_TYPES),
+       st.sampled_from([None, (112, 112), (224, 224)]))
+def test_every_component_is_a_float_in_unit_interval(text, qtype, image_size):
+    out = reward.score(text, REF, qtype, image_size=image_size)
     assert set(out) == {"format", "answer", "grounding", "iou", "total"}
     for k, v in out.items():
         assert isinstance(v, float) and 0.0 <= v <= 1.0, (k, v)
@@ -34,8 +37,10 @@ def test_every_component_is_a_float_in_unit_interval(text, qtype, frame):
     for completion, ref in ((text, REF), (REF, text)):                      # grpo.py --credit coord
         layout = reward.box_layout(completion, ref)
         for b in layout.boxes:
-            assert 0 <= b.span[0] <= b.numbers[0][0] and b.numbers[-1][1] <= b.span[1] <= len(completion)
-            assert b.ref is None or (0 <= b.ref < len(layout.ref) and all(0 <= e < float("inf") for e in b.errors))
+            assert 0 <= b.span[0] <= b.numbers[0][0]
+            assert b.numbers[-1][1] <= b.span[1] <= len(completion)
+            assert b.paired is None or (0 <= b.paired < len(layout.reference_boxes)
+                                     and all(0 <= e < float("inf") for e in b.errors))
 
 
 @settings(max_examples=1000, deadline=None)
@@ -58,4 +63,4 @@ def test_long_repetitions_parse_in_linear_time(unit):
             best = min(best, time.perf_counter() - t0)
         return best
     small, big = seconds(unit * reps), seconds(unit * reps * 8)
-    assert big < 24 * small, (small, big)   # 8x the input: ~8x the time if linear, ~64x if quadratic
+    assert big < 24 * small, (small, big)  # 8x the input: ~8x the time if linear, ~64x if quadratic
