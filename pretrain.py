@@ -30,7 +30,6 @@ First the vision tower learns what each film shows and where, with heads of its 
 """
 import functools
 import json
-import math
 import os
 import random
 import time
@@ -232,11 +231,6 @@ def answer_nll(model, batch):
     return -(M.completion_logprobs(model, prompt, ids, mask) * mask).sum() / mask.sum()
 
 
-def cosine(progress):
-    """From 1 down to 0.1 along half a cosine, over progress in [0, 1]."""
-    return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
-
-
 # ----------------------------------------------------------------------------- the vision warm-up
 def tower_targets(boxes, findings, grid, frame):
     """Targets of one film, one row per image token (a grid x grid raster): [regions covering
@@ -296,7 +290,7 @@ def warm_up_tower(model, processor, pool, cfg, device, frame=112, batch=32):
     g = torch.Generator().manual_seed(cfg.seed)
     for step in tqdm(range(cfg.tower_steps), desc="vision warm-up"):
         for group in opt.param_groups:
-            group["lr"] = cfg.tower_lr * cosine(step / cfg.tower_steps)
+            group["lr"] = cfg.tower_lr * run.cosine(step / cfg.tower_steps)
         idx = torch.randint(0, len(pool), (batch,), generator=g)
         pix = ip(images=[pool[i][0] for i in idx], return_tensors="pt").to(device)
         out = tower(pix["pixel_values"], grid_thw=pix["image_grid_thw"])
@@ -394,7 +388,7 @@ def main(cfg):
     rng, log = np.random.default_rng([cfg.seed, data.STREAMS["pretrain"], 10 ** 9 + 2]), []
     bar = tqdm(range(cfg.steps), desc="pretrain")
     for step in bar:
-        lr = cfg.lr * min(1.0, (step + 1) / cfg.warmup_steps) * cosine(step / cfg.steps)
+        lr = cfg.lr * min(1.0, (step + 1) / cfg.warmup_steps) * run.cosine(step / cfg.steps)
         for g in opt.param_groups:
             g["lr"] = lr * g["lr_scale"]
         if step % 2 == 0:  # films: seeing and locating

@@ -13,6 +13,7 @@ import argparse
 import dataclasses
 import inspect
 import json
+import math
 import os
 import platform
 import random
@@ -67,6 +68,12 @@ def provenance():
                platform.processor()) if os.path.exists("/proc/cpuinfo") else platform.processor()
     return {"commit": commit, "machine": f"{os.cpu_count()} x {cpu}",
             "threads": torch.get_num_threads(), "date": time.strftime("%Y-%m-%d")}
+
+
+def cosine(progress):
+    """The learning-rate decay factor at `progress` in [0, 1]: from 1 down to 0.1 along half a
+    cosine (sft.py's schedule after its warm-up, and pretrain.py's)."""
+    return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
 
 
 # -------------------------------------------------------------------------- several GPUs (torchrun)

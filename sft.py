@@ -95,16 +95,11 @@ def check(cfg):
 
 
 # ----------------------------------------------------------------------------- helpers
-def cosine(progress):
-    """The decay factor at `progress` in [0, 1]: from 1 down to 0.1 along half a cosine."""
-    return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
-
-
 def lr_at(step, cfg):
     """Linear warm-up, then cosine decay to 10% of the peak."""
     if step < cfg.warmup_steps:
         return cfg.lr * (step + 1) / cfg.warmup_steps
-    return cfg.lr * cosine((step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps))
+    return cfg.lr * run.cosine((step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps))
 
 
 def batch_order(lengths, batch_size, seed, group=16):

@@ -75,7 +75,7 @@ def test_learning_rate_schedule_by_hand():
     assert sft.lr_at(60, cfg) == pytest.approx(1e-3 * 0.55)          # half-way: 0.1 + 0.9 * 0.5
     # the floor, and it stays there
     assert sft.lr_at(110, cfg) == pytest.approx(1e-4) == sft.lr_at(500, cfg)
-    assert sft.cosine(0) == 1.0 and sft.cosine(1) == pytest.approx(0.1)
+    assert run.cosine(0) == 1.0 and run.cosine(1) == pytest.approx(0.1)
 
 
 def test_gradient_accumulation_equals_one_large_batch():
