@@ -331,8 +331,8 @@ def parse_config(cls, doc="", nargs=None):
     is the one-line comment written after its field, so the dataclass stays the single source.
     `nargs` maps a field to argparse's nargs (e.g. {"checkpoint": "+"}): that field becomes a
     list."""
-    source = "".join(inspect.getsource(c) for c in cls.__mro__
-                     if dataclasses.is_dataclass(c))  # inherited flags too
+    source = "".join(inspect.getsource(c) for c in reversed(cls.__mro__)
+                     if dataclasses.is_dataclass(c))  # inherited flags too; a subclass's wins
     comments = dict(re.findall(r"^\s+(\w+):[^=\n]+=[^#\n]+#\s*(.+)$", source, re.M))
     ap = argparse.ArgumentParser(description=doc.strip().split("\n")[0])
     own_first = sorted(dataclasses.fields(cls),

@@ -3,7 +3,8 @@
 The model learns to produce `<think>... region [x1, y1, x2, y2] ...</think><answer>...</answer>`
 by teacher forcing: cross-entropy on the response tokens and the end-of-turn token after them
 (the system prompt, question and image tokens are context, never targets), AdamW with linear
-warm-up and cosine decay.
+warm-up and cosine decay. Only the language model learns: the vision tower stays the base's, as
+real VLM recipes often keep their ViT (`--freeze-vision false` trains it too).
 
 It starts from a pretrained model, as every real run does: by default the tiny base shipped in
 this repository (tiny-qwen2.5-vl-cxr, made by pretrain.py: it sees, reads, writes a region's box
@@ -46,10 +47,12 @@ import run
 COLD_START_TRACES = 1000
 
 # Inherited flags: --data, --data-path, --image-root (data.DataFlags) and --dtype, --max-pixels,
-# --freeze-vision, --grad-checkpointing, --lora-* (memory.MemoryFlags).
+# --grad-checkpointing, --lora-* (memory.MemoryFlags). --freeze-vision is inherited too, but on by
+# default here: at stage 1's rate a trained tower forgets what the base sees (NOTES.md).
 @dataclass
 class SFTConfig(memory.MemoryFlags, data.DataFlags):
     model: str = "tiny-qwen2.5-vl-cxr"  # the pretrained model: the tiny base, a Hub id or a folder
+    freeze_vision: bool = True   # keep the base's vision tower: only the language model learns
     out: str = "runs/sft"        # output directory for metrics, config and the final checkpoint
     max_steps: int = 800         # optimizer steps: ~13 epochs of the 1000 default traces
     batch_size: int = 16         # samples per forward/backward
