@@ -5,6 +5,7 @@ import sys
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 import data
 import pretrain
@@ -53,6 +54,11 @@ def test_sft_then_evaluate_smoke(tmp_path):
     assert [x["step"] for x in lines] == [1, 2, 3, 4] and lines[-1]["loss"] < lines[0]["loss"]
     assert all(0 <= lines[-1][f"val_{k}"] <= 1 for k in ("format", "answer", "iou", "grounding"))
     assert json.loads((out / "run_config.json").read_text())["max_steps"] == 4
+    # by default only the language model learned: the tower is the base's, bit for bit
+    base, tuned = (load_file(f"{d}/model.safetensors") for d in (sft.SFTConfig.model, out))
+    tower = [k for k in base if ".visual." in k or k.startswith("visual.")]
+    assert tower and all(torch.equal(base[k], tuned[k]) for k in tower)
+    assert any(not torch.equal(base[k], tuned[k]) for k in base if k not in tower)
     # ... and evaluate.py reads what sft.py wrote
     res = tmp_path / "eval.json"
     r = subprocess.run([sys.executable, "evaluate.py", "--checkpoint", str(out), "--split",
