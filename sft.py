@@ -16,7 +16,7 @@ scored against their labels. `--train-size 8000` is the upper bound: a trace for
 
     python sft.py                          # the tiny base, synthetic data, CPU (README: timings)
     python sft.py --train-size 8000 --out runs/sft_all     # every trace: the upper bound
-    python sft.py --model runs/sft --max-steps 2900 --lr 5e-4 --warmup-steps 50 --out runs/sft_more
+    python sft.py --model runs/sft --max-steps 3800 --lr 5e-4 --warmup-steps 50 --out runs/sft_more
                                            # the control: GRPO's minutes spent on more SFT instead
     python sft.py --model Qwen/Qwen2.5-VL-3B-Instruct --device cuda --batch-size 4 --lr 1e-5 \
         --data gemex --data-path train.parquet --image-root mimic-cxr-jpg/files --dtype bfloat16
