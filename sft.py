@@ -4,7 +4,8 @@ The model learns to produce `<think>... region [x1, y1, x2, y2] ...</think><answ
 by teacher forcing: cross-entropy on the response tokens and the end-of-turn token after them
 (the system prompt, question and image tokens are context, never targets), AdamW with linear
 warm-up and cosine decay. Only the language model learns: the vision tower stays the base's, as
-real VLM recipes often keep their ViT (`--freeze-vision false` trains it too).
+real VLM recipes often keep their ViT, because at this stage's rate a trained tower forgets what
+the base sees (NOTES.md; `--freeze-vision false` trains it too).
 
 It starts from a pretrained model, as every real run does: by default the tiny base shipped in
 this repository (tiny-qwen2.5-vl-cxr, made by pretrain.py: it sees, reads, writes a region's box
@@ -47,8 +48,7 @@ import run
 COLD_START_TRACES = 1000
 
 # Inherited flags: --data, --data-path, --image-root (data.DataFlags) and --dtype, --max-pixels,
-# --grad-checkpointing, --lora-* (memory.MemoryFlags). --freeze-vision is inherited too, but on by
-# default here: at stage 1's rate a trained tower forgets what the base sees (NOTES.md).
+# --grad-checkpointing, --lora-* (memory.MemoryFlags), whose --freeze-vision is re-declared below.
 @dataclass
 class SFTConfig(memory.MemoryFlags, data.DataFlags):
     model: str = "tiny-qwen2.5-vl-cxr"  # the pretrained model: the tiny base, a Hub id or a folder
