@@ -56,10 +56,11 @@ W = reward.DEFAULT_WEIGHTS
 
 # ----------------------------------------------------------------- config
 # Inherited flags: --data, --data-path, --image-root (data.DataFlags) and --dtype, --max-pixels,
-# --freeze-vision, --grad-checkpointing, --lora-* (memory.MemoryFlags).
+# --grad-checkpointing, --lora-* (memory.MemoryFlags), whose --freeze-vision is re-declared below.
 @dataclass
 class GRPOConfig(memory.MemoryFlags, data.DataFlags):
     init: str = "runs/sft"         # the SFT checkpoint to start from (and pi_ref when beta > 0)
+    freeze_vision: bool = True     # keep the tower sft.py kept: only the language model learns
     out: str = "runs/grpo"         # output directory: metrics, config, pages, final checkpoint
     max_steps: int = 500           # GRPO steps, one rollout each
     prompts: int = 8               # B: prompts per step
@@ -75,7 +76,7 @@ class GRPOConfig(memory.MemoryFlags, data.DataFlags):
     grad_clip: float = 1.0         # clip the global gradient norm to this
     eps_low: float = 0.2           # clip rho below at 1 - eps_low
     eps_high: float = 0.28         # clip rho above at 1 + eps_high (DAPO's clip-higher)
-    beta: float = 0.3              # weight of the k3 penalty to pi_ref (0: no pi_ref loaded)
+    beta: float = 0.04             # weight of the k3 penalty to pi_ref (0: no pi_ref loaded)
     adv_norm: str = "batch"        # advantage scale: 'group' std (GRPO), 'batch' std, 'none'
     credit: str = "coord"          # 'sequence' (GRPO), 'span' or 'coord' (credit.py)
     loss_agg: str = "token"        # 'seq' (GRPO), 'token' (DAPO) or 'constant' (Dr. GRPO)

@@ -414,6 +414,10 @@ def test_grpo_smoke_then_evaluate(tmp_path):
     model, _ = M.load(str(out))                                   # saved with save_pretrained
     before, _ = M.load(str(init))
     changed = any(not torch.equal(a, b) for a, b in zip(model.parameters(), before.parameters()))
+    # by default the tower sft.py kept is kept here too, bit for bit
+    tower = [(a, b) for (n, a), (_, b) in zip(model.named_parameters(), before.named_parameters())
+             if ".visual." in n]
+    assert tower and all(torch.equal(a, b) for a, b in tower)
     # a random-init model usually earns equal rewards in every group: then step 1's gradient is
     # only the float noise of a KL between two equal models. AdamW's normalisation still turns
     # that noise into a step of ~lr per weight, so by step 2 the KL has a real gradient.
