@@ -11,7 +11,7 @@ only scores completions (its answer and its boxes are the labels), never a targe
 labels, not traces (GEMeX: labels for 1.6M questions, checked traces for one eighth of them).
 
     python grpo.py                                   # from runs/sft to runs/grpo (README: times)
-    python grpo.py --credit sequence --adv-norm group --loss-agg seq --eps-high 0.2 --beta 0.04
+    python grpo.py --credit sequence --adv-norm group --loss-agg seq --eps-high 0.2
                                                      # the paper's GRPO (DeepSeekMath's values)
     python evaluate.py --checkpoint runs/sft runs/grpo
     torchrun --nproc_per_node=2 grpo.py              # DDP: each rank rolls out its own B prompts

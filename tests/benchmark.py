@@ -4,11 +4,12 @@
     python tests/benchmark.py model --model runs/sft       # a checkpoint's step and sampling costs
 
 grpo-vs-trl runs grpo.py and TRL's GRPOTrainer on the same checkpoint, prompts, batch (8 prompts x
-8 completions), budget (160 new tokens), temperature (0.7), reward (reward.score), beta 0 and
-token-mean loss, each in its own process, interleaved A B A B so drifting machine load hits both
-alike. Each run's seconds per step exclude its first step (allocator warm-up). It prints every
-run, the mean completion length of each side (a faster step over shorter completions is not
-faster) and the median ratio grpo.py / TRL. TRL is not a dependency of this project:
+8 completions), budget (160 new tokens), temperature (0.7), reward (reward.score), beta 0,
+token-mean loss and every weight trained, each in its own process, interleaved A B A B so
+drifting machine load hits both alike. Each run's seconds per step exclude its first step
+(allocator warm-up). It prints every run, the mean completion length of each side (a faster step
+over shorter completions is not faster) and the median ratio grpo.py / TRL.
+TRL is not a dependency of this project:
     pip install trl==1.16.0      # the version measured in the README
 """
 import argparse
@@ -39,7 +40,7 @@ def run_grpo(a, out):
                         "--max-steps", str(a.steps), "--prompts", str(a.prompts), "--group-size",
                         str(a.group_size),
                         "--max-new-tokens", str(a.max_new_tokens), "--temperature", "0.7", "--beta",
-                        "0",
+                        "0", "--freeze-vision", "false",     # TRL trains every weight
                         "--loss-agg", "token", "--eval-every", "0", "--eval-n", "1", "--show-every",
                         "0",
                         "--save-every", "0", "--seed", str(a.seed)], capture_output=True, text=True,
