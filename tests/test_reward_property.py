@@ -55,12 +55,11 @@ def test_long_repetitions_parse_in_linear_time(unit):
     unit = unit or "<think>[1, 2, 3, 4]"
     reps = max(1, 50_000 // max(len(unit), 1))   # long enough that fixed costs do not set the ratio
 
-    def seconds(text):          # best of 3: a shared machine's hiccup is not a parser's cost
-        best = float("inf")
-        for _ in range(3):
-            t0 = time.perf_counter()
-            reward.score(text, REF, "open_ended_questions")
-            best = min(best, time.perf_counter() - t0)
-        return best
-    small, big = seconds(unit * reps), seconds(unit * reps * 8)
+    def seconds(text):
+        t0 = time.perf_counter()
+        reward.score(text, REF, "open_ended_questions")
+        return time.perf_counter() - t0
+    small = big = float("inf")
+    for _ in range(5):   # interleaved, best of 5: a busy machine's hiccup is not a parser's cost
+        small, big = min(small, seconds(unit * reps)), min(big, seconds(unit * reps * 8))
     assert big < 24 * small, (small, big)  # 8x the input: ~8x the time if linear, ~64x if quadratic
