@@ -59,7 +59,8 @@ def test_long_repetitions_parse_in_linear_time(unit):
         t0 = time.perf_counter()
         reward.score(text, REF, "open_ended_questions")
         return time.perf_counter() - t0
+    short, long = unit * reps, unit * reps * 8
     small = big = float("inf")
     for _ in range(5):   # interleaved, best of 5: a busy machine's hiccup is not a parser's cost
-        small, big = min(small, seconds(unit * reps)), min(big, seconds(unit * reps * 8))
+        small, big = min(small, seconds(short)), min(big, seconds(long))
     assert big < 24 * small, (small, big)  # 8x the input: ~8x the time if linear, ~64x if quadratic
