@@ -62,7 +62,7 @@ class GRPOConfig(memory.MemoryFlags, data.DataFlags):
     init: str = "runs/sft"         # the SFT checkpoint to start from (and pi_ref when beta > 0)
     freeze_vision: bool = True     # keep the tower sft.py kept: only the language model learns
     out: str = "runs/grpo"         # output directory: metrics, config, pages, final checkpoint
-    max_steps: int = 450           # GRPO steps, one rollout each (~14 min on 2 CPU cores)
+    max_steps: int = 450           # GRPO steps, one rollout each (inside 15 min on 2 CPU cores)
     prompts: int = 8               # B: prompts per step
     group_size: int = 8            # G: completions per prompt (>= 2: the group is the baseline)
     temperature: float = 1.0       # sampling temperature (the log-probs are taken at it too)
