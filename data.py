@@ -36,6 +36,7 @@ class DataConfig:
     n_train: int = 8000     # samples (= images) in the train split
     n_val: int = 500        # samples in the validation split
     n_test: int = 1000      # samples in the test split
+    walk: bool = False      # region options: the trace checks each in turn, under its letter
 
 # the split id goes into the seed: no shared images
 SPLITS = {"train": 0, "validation": 1, "test": 2}
@@ -215,13 +216,14 @@ def _lettered(opts):
     return " ".join(f"{'ABCD'[i]}. {o}" for i, o in enumerate(opts))
 
 
-def make_sample(split, index, seed=0, frame=112):
-    """Sample `index` of `split`: its image, one question, a ThinkVG response. Pure in its args."""
+def make_sample(split, index, seed=0, frame=112, walk=False):
+    """Sample `index` of `split`: its image, one question, a ThinkVG response. Pure in its args.
+    walk: questions whose options are regions get the trace that checks every option (ask)."""
     rng = np.random.default_rng([seed, STREAMS[split], index])
     qtype, variant, findings = _header(rng, index)
     pixels, boxes = draw_radiograph(rng, frame, findings)
     at = dict((r, k) for k, r in findings)
-    q, think, answer = ask(rng, qtype, variant, findings, lambda r: describe(r, boxes[r], at))
+    q, think, answer = ask(rng, qtype, variant, findings, lambda r: describe(r, boxes[r], at), walk)
     response = f"<think>{' '.join(think)}</think><answer>{answer}</answer>"
     return {"image_path": f"synthetic/{split}/{index:06d}.png", "image": Image.fromarray(pixels),
             "question": q, "question_type": qtype, "response": response}
@@ -241,9 +243,11 @@ def _header(rng, index):
     return qtype, variant, findings
 
 
-def ask(rng, qtype, variant, findings, say):
+def ask(rng, qtype, variant, findings, say, walk=False):
     """A question about a film with these findings, the reasoning sentences that decide it (each
-    from say(region)) and the answer: (question, [sentences], answer)."""
+    from say(region)) and the answer: (question, [sentences], answer). walk: where the options are
+    regions, the reasoning checks each option in turn under its letter ('A. The right ... is
+    clear. B. ...'), so the answer's letter is written next to what decides it (NOTES.md)."""
     at = dict((r, k) for k, r in findings)
     if qtype == "closed_ended_questions":
         if variant:                                   # a "yes": ask about a finding that is there
@@ -274,6 +278,8 @@ def ask(rng, qtype, variant, findings, say):
             q = f"Which region contains the {kind}? {_lettered(opts)}"
             other = [o for o in opts if o != region][rng.integers(3)]
             think = [say(region), say(other)]         # the answer region and one ruled out
+            if walk:
+                think = [f"{'ABCD'[i]}. {say(o)}" for i, o in enumerate(opts)]
         else:                                         # which finding is in the region?
             region = REGIONS[rng.integers(len(REGIONS))]
             truth = at.get(region, NO_FINDING)
@@ -289,16 +295,16 @@ def ask(rng, qtype, variant, findings, say):
         opts = _options(rng, abnormal + pick, [])
         state = "are abnormal" if ask_abnormal else "appear normal"
         q = f"Which of these regions {state}? {_lettered(opts)}"
-        think = [say(r) for r in opts]
+        think = [f"{'ABCD'[i]}. {say(r)}" if walk else say(r) for i, r in enumerate(opts)]
         answer = ", ".join(l for l, r in zip("ABCD", opts) if (r in at) == ask_abnormal)
     return q, think, answer
 
 
 # ----------------------------------------------------------------------------- datasets container
-def _generate(split, n, seed, frame, source_hash):
+def _generate(split, n, seed, frame, source_hash, walk):
     # source_hash is unused here: it is only there to key the cache (see _source_hash)
     for i in range(n):
-        yield make_sample(split, i, seed, frame)
+        yield make_sample(split, i, seed, frame, walk)
 
 
 def load_synthetic(split="train", n=None, cfg=DataConfig(), cache_dir=None):
@@ -319,7 +325,7 @@ def load_synthetic(split="train", n=None, cfg=DataConfig(), cache_dir=None):
         ds = datasets.Dataset.from_generator(
             _generate, features=_features(), split=datasets.NamedSplit(split),
             gen_kwargs={"split": split, "n": n, "seed": cfg.seed, "frame": cfg.frame,
-                        "source_hash": _source_hash(__file__)},
+                        "source_hash": _source_hash(__file__), "walk": cfg.walk},
             cache_dir=cache_dir)
     finally:
         if was:
@@ -334,6 +340,7 @@ class DataFlags:
     data: str = "synthetic"        # 'synthetic' (drawn by data.py) or 'gemex' (the GEMeX parquet)
     data_path: str = GEMEX_HUB_ID  # --data gemex: the parquet file (or the Hub id when online)
     image_root: str = ""           # --data gemex: the local MIMIC-CXR-JPG files/ directory
+    walk_options: bool = False     # synthetic traces check each region option under its letter
 
     def problems(self):
         """(ok, message) pairs for the check() of each script."""
@@ -348,7 +355,7 @@ def load(split, n=None, flags=DataFlags(), frame=None):
     which every Qwen processor keeps as it is (build_prompts asserts that it does)."""
     if flags.data == "gemex":
         return load_gemex(split, n, flags.data_path, flags.image_root, frame or GEMEX_FRAME)
-    return load_synthetic(split, n)
+    return load_synthetic(split, n, DataConfig(walk=flags.walk_options))
 
 
 # --------------------------------------------------------------------------- preview and statistics
