@@ -1,5 +1,6 @@
 """The synthetic set: deterministic, disjoint splits, balanced, grounded in the image frame."""
 import hashlib
+import re
 from collections import Counter
 
 import numpy as np
@@ -109,3 +110,32 @@ def test_preview_writes_a_png(tmp_path):
     data.preview(str(out), n=4)
     img = Image.open(out)
     assert img.size[0] == 4 * 112 * 3 and np.asarray(img).std() > 20  # a picture, not a blank sheet
+
+
+def test_walk_options_letters_every_region_option_and_changes_nothing_else(samples):
+    """--walk-options: a question whose options are regions gets a trace that checks each option
+    in turn under its letter, and the answer's letters are exactly those whose sentence says the
+    asked thing. Image, question and answer are the default sample's; other traces are unchanged."""
+    walked = 0
+    for i, s in enumerate(samples[:80]):
+        w = data.make_sample("train", i, walk=True)
+        q, think, answer = w["question"], parse(w["response"]).think, parse(w["response"]).answer
+        assert digest(w["image"]) == digest(s["image"]) and q == s["question"]
+        assert answer == parse(s["response"]).answer
+        if not q.startswith(("Which region contains", "Which of these regions")):
+            assert w["response"] == s["response"]
+            continue
+        walked += 1
+        options = re.split(r" [A-D]\. ", q)[1:]                     # the regions, in order A-D
+        checks = re.split(r"(?:^| )[A-D]\. ", think)[1:]             # the trace's four sentences
+        assert re.findall(r"(?:^| )([A-D])\. The ", think) == list("ABCD")
+        assert [c.startswith(f"The {o} [") for c, o in zip(checks, options)] == [True] * 4
+        if q.startswith("Which region contains"):                    # the finding's own words
+            kind = q.removeprefix("Which region contains the ").split("?")[0]
+            wanted = [data.FINDINGS[kind][1] in c for c in checks]
+        else:                                                         # abnormal, or normal
+            wanted = [("shows" in c) != q.startswith("Which of these regions appear normal")
+                      for c in checks]
+        assert letters(answer) == [l for l, y in zip("ABCD", wanted) if y]
+        assert len(parse(w["response"]).boxes) == 4
+    assert walked >= 20
