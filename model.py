@@ -104,11 +104,8 @@ def build_prompts(processor, images, questions):
     pixel_values [sum of patches, 3*2*14*14], image_grid_thw [N, 3]. Never truncated: cutting a
     prompt would cut image tokens and break the token/feature correspondence asserted below.
     """
-    texts = [processor.apply_chat_template(
-        [{"role": "system", "content": SYSTEM_PROMPT},
-         {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": q}]}],
-        add_generation_prompt=True, tokenize=False) for q in questions]
-    batch = processor(images=[[im] for im in images], text=texts, return_tensors="pt", padding=True)
+    batch = processor(images=[[im] for im in images], text=prompt_texts(processor, questions),
+                      return_tensors="pt", padding=True)
     ip = processor.image_processor
     for im, (_, h, w) in zip(images, batch["image_grid_thw"].tolist()):
         assert (h * ip.patch_size, w * ip.patch_size) == (im.height, im.width), (
@@ -120,6 +117,14 @@ def build_prompts(processor, images, questions):
     n_features = int(batch["image_grid_thw"].prod(-1).sum()) // merge
     assert n_tokens == n_features, f"{n_tokens} image tokens in the prompts, {n_features} features"
     return batch
+
+
+def prompt_texts(processor, questions):
+    """The chat prompts as text: the task's system prompt, then an image and the question."""
+    return [processor.apply_chat_template(
+        [{"role": "system", "content": SYSTEM_PROMPT},
+         {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": q}]}],
+        add_generation_prompt=True, tokenize=False) for q in questions]
 
 
 def end_ids(model):
