@@ -36,7 +36,7 @@ class DataConfig:
     n_train: int = 8000     # samples (= images) in the train split
     n_val: int = 500        # samples in the validation split
     n_test: int = 1000      # samples in the test split
-    walk: bool = False      # region options: the trace checks each in turn, under its letter
+    walk_options: bool = False  # region options: the trace checks each in turn, by letter
 
 # the split id goes into the seed: no shared images
 SPLITS = {"train": 0, "validation": 1, "test": 2}
@@ -216,14 +216,15 @@ def _lettered(opts):
     return " ".join(f"{'ABCD'[i]}. {o}" for i, o in enumerate(opts))
 
 
-def make_sample(split, index, seed=0, frame=112, walk=False):
+def make_sample(split, index, seed=0, frame=112, walk_options=False):
     """Sample `index` of `split`: its image, one question, a ThinkVG response. Pure in its args.
-    walk: questions whose options are regions get the trace that checks every option (ask)."""
+    walk_options: where the options are regions, the trace checks every option (ask)."""
     rng = np.random.default_rng([seed, STREAMS[split], index])
     qtype, variant, findings = _header(rng, index)
     pixels, boxes = draw_radiograph(rng, frame, findings)
     at = dict((r, k) for k, r in findings)
-    q, think, answer = ask(rng, qtype, variant, findings, lambda r: describe(r, boxes[r], at), walk)
+    q, think, answer = ask(rng, qtype, variant, findings, lambda r: describe(r, boxes[r], at),
+                           walk_options)
     response = f"<think>{' '.join(think)}</think><answer>{answer}</answer>"
     return {"image_path": f"synthetic/{split}/{index:06d}.png", "image": Image.fromarray(pixels),
             "question": q, "question_type": qtype, "response": response}
@@ -243,10 +244,10 @@ def _header(rng, index):
     return qtype, variant, findings
 
 
-def ask(rng, qtype, variant, findings, say, walk=False):
+def ask(rng, qtype, variant, findings, say, walk_options=False):
     """A question about a film with these findings, the reasoning sentences that decide it (each
-    from say(region)) and the answer: (question, [sentences], answer). walk: where the options are
-    regions, the reasoning checks each option in turn under its letter ('A. The right ... is
+    from say(region)) and the answer: (question, [sentences], answer). walk_options: where the
+    options are regions, the reasoning checks each in turn under its letter ('A. The right ... is
     clear. B. ...'), so the answer's letter is written next to what decides it (NOTES.md)."""
     at = dict((r, k) for k, r in findings)
     if qtype == "closed_ended_questions":
@@ -278,7 +279,7 @@ def ask(rng, qtype, variant, findings, say, walk=False):
             q = f"Which region contains the {kind}? {_lettered(opts)}"
             other = [o for o in opts if o != region][rng.integers(3)]
             think = [say(region), say(other)]         # the answer region and one ruled out
-            if walk:
+            if walk_options:
                 think = [f"{'ABCD'[i]}. {say(o)}" for i, o in enumerate(opts)]
         else:                                         # which finding is in the region?
             region = REGIONS[rng.integers(len(REGIONS))]
@@ -295,16 +296,17 @@ def ask(rng, qtype, variant, findings, say, walk=False):
         opts = _options(rng, abnormal + pick, [])
         state = "are abnormal" if ask_abnormal else "appear normal"
         q = f"Which of these regions {state}? {_lettered(opts)}"
-        think = [f"{'ABCD'[i]}. {say(r)}" if walk else say(r) for i, r in enumerate(opts)]
+        think = [f"{'ABCD'[i]}. {say(r)}" if walk_options else say(r)
+                 for i, r in enumerate(opts)]
         answer = ", ".join(l for l, r in zip("ABCD", opts) if (r in at) == ask_abnormal)
     return q, think, answer
 
 
 # ----------------------------------------------------------------------------- datasets container
-def _generate(split, n, seed, frame, source_hash, walk):
+def _generate(split, n, seed, frame, source_hash, walk_options):
     # source_hash is unused here: it is only there to key the cache (see _source_hash)
     for i in range(n):
-        yield make_sample(split, i, seed, frame, walk)
+        yield make_sample(split, i, seed, frame, walk_options)
 
 
 def load_synthetic(split="train", n=None, cfg=DataConfig(), cache_dir=None):
@@ -325,7 +327,7 @@ def load_synthetic(split="train", n=None, cfg=DataConfig(), cache_dir=None):
         ds = datasets.Dataset.from_generator(
             _generate, features=_features(), split=datasets.NamedSplit(split),
             gen_kwargs={"split": split, "n": n, "seed": cfg.seed, "frame": cfg.frame,
-                        "source_hash": _source_hash(__file__), "walk": cfg.walk},
+                        "source_hash": _source_hash(__file__), "walk_options": cfg.walk_options},
             cache_dir=cache_dir)
     finally:
         if was:
@@ -355,7 +357,7 @@ def load(split, n=None, flags=DataFlags(), frame=None):
     which every Qwen processor keeps as it is (build_prompts asserts that it does)."""
     if flags.data == "gemex":
         return load_gemex(split, n, flags.data_path, flags.image_root, frame or GEMEX_FRAME)
-    return load_synthetic(split, n, DataConfig(walk=flags.walk_options))
+    return load_synthetic(split, n, DataConfig(walk_options=flags.walk_options))
 
 
 # --------------------------------------------------------------------------- preview and statistics

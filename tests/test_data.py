@@ -118,7 +118,7 @@ def test_walk_options_letters_every_region_option_and_changes_nothing_else(sampl
     asked thing. Image, question and answer are the default sample's; other traces are unchanged."""
     walked = 0
     for i, s in enumerate(samples[:80]):
-        w = data.make_sample("train", i, walk=True)
+        w = data.make_sample("train", i, walk_options=True)
         q, think, answer = w["question"], parse(w["response"]).think, parse(w["response"]).answer
         assert digest(w["image"]) == digest(s["image"]) and q == s["question"]
         assert answer == parse(s["response"]).answer
