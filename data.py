@@ -216,6 +216,11 @@ def _lettered(opts):
     return " ".join(f"{'ABCD'[i]}. {o}" for i, o in enumerate(opts))
 
 
+def _walked(opts, say):
+    """--walk-options: one sentence per region option, in order, each under its letter."""
+    return [f"{'ABCD'[i]}. {say(o)}" for i, o in enumerate(opts)]
+
+
 def make_sample(split, index, seed=0, frame=112, walk_options=False):
     """Sample `index` of `split`: its image, one question, a ThinkVG response. Pure in its args.
     walk_options: where the options are regions, the trace checks every option (ask)."""
@@ -278,9 +283,8 @@ def ask(rng, qtype, variant, findings, say, walk_options=False):
             opts = _options(rng, [region], [r for r in REGIONS if at.get(r) != kind])
             q = f"Which region contains the {kind}? {_lettered(opts)}"
             other = [o for o in opts if o != region][rng.integers(3)]
-            think = [say(region), say(other)]         # the answer region and one ruled out
-            if walk_options:
-                think = [f"{'ABCD'[i]}. {say(o)}" for i, o in enumerate(opts)]
+            # the answer region and one ruled out (`other` is drawn either way: same rng stream)
+            think = _walked(opts, say) if walk_options else [say(region), say(other)]
         else:                                         # which finding is in the region?
             region = REGIONS[rng.integers(len(REGIONS))]
             truth = at.get(region, NO_FINDING)
@@ -296,8 +300,7 @@ def ask(rng, qtype, variant, findings, say, walk_options=False):
         opts = _options(rng, abnormal + pick, [])
         state = "are abnormal" if ask_abnormal else "appear normal"
         q = f"Which of these regions {state}? {_lettered(opts)}"
-        think = [f"{'ABCD'[i]}. {say(r)}" if walk_options else say(r)
-                 for i, r in enumerate(opts)]
+        think = _walked(opts, say) if walk_options else [say(r) for r in opts]
         answer = ", ".join(l for l, r in zip("ABCD", opts) if (r in at) == ask_abnormal)
     return q, think, answer
 

@@ -84,8 +84,8 @@ def main():
         model, processor = M.load(path)
         model.eval()
         print(f"{path}: the right letter after the right reasoning, {a.n} lookups")
-        for name, style, wrapper in rows:
-            print(f"  {name:<36} {letter_accuracy(model, processor, items, style, wrapper):.3f}")
+        for name, style, chat in rows:
+            print(f"  {name:<36} {letter_accuracy(model, processor, items, style, chat):.3f}")
 
 
 if __name__ == "__main__":
